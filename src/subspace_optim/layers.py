@@ -13,15 +13,17 @@ The backward pass needs z = x Pᵀ (tokens×r), never x (tokens×in):
 with W_eff = W + B P, so the saved activations of linear inputs shrink by in/r and no out×in weight gradient
 is ever formed (a custom autograd Function, ``_SubspaceLinear``, makes this explicit).
 
-P is drawn with orthonormal rows, uniformly (Haar) on the Stiefel manifold, scaled by √(in/r):
-P Pᵀ = (in/r)·I_r and E[Pᵀ P] = I_in. Why this and not a scaled Gaussian: the expectation is the same
-(an SGD step on B from 0 is an unbiased full-gradient step, E[Pᵀ P] = I), but a Gaussian P weighs the
-directions of its own subspace unequally (for r/in = 1/4 the eigenvalues of P Pᵀ spread over a 9× range),
-while the Haar draw treats all of them alike and is the distribution the RSO analysis assumes.
-It also makes the layer GoLore's compressed-gradient ("ReLoRA-like") form (He et al. 2024,
-"Subspace Optimization for Large Language Models with Convergence Guarantees"): with Q = √(r/in)·Pᵀ, the
-GoLore basis of the right side, ∂L/∂B = √(in/r)·G Q and the weight change B P equals GoLore's projected
-update R Qᵀ with scale in/r; the compressed gradient is formed directly, with no out×in gradient.
+P has orthonormal rows (P Pᵀ = I_r), drawn uniformly (Haar) on the Stiefel manifold by GoLore's own generator:
+P = Qᵀ with Q the GoLore optimizer's basis for the same key. Then the layer *is* GoLore's compressed-gradient
+("ReLoRA-like") form (He et al. 2024, "Subspace Optimization for Large Language Models with Convergence
+Guarantees"): ∂L/∂B = G Q is GoLore's projected gradient R, and an inner step ΔB moves the weight by ΔB Qᵀ, so
+any inner rule stepping B with lr·α takes GoLore's steps with scale α (moments reset at each merge; weight
+decay, if any, decays B rather than W); the
+compressed gradient is formed directly, with no out×in gradient. Orthonormal rows also make ‖B P‖ = ‖B‖, so
+the proximal term 1/(2η)‖B‖² of the subproblem penalises exactly the weight change. The paper's Gaussian
+P ~ N(0, 1/r) has E[Pᵀ P] = I instead of (r/in)·I; the factor √(in/r) between the two only rescales B, which
+is a change of step size (and of η), and a Gaussian P also weighs the directions of its own subspace
+unequally (at r/in = 1/4 the eigenvalues of P Pᵀ spread over a 9× range).
 
 P is never stored: it is regenerated from (seed, group index, outer count), and only these three integers
 are in the state dict (buffer ``rso_key``), so a checkpoint restores it exactly.
@@ -66,11 +68,10 @@ DEFAULT_SHARED_INPUTS: tuple[tuple[str, ...], ...] = (
 
 def random_rows(rank: int, dim: int, *, seed: int, index: int, count: int,
                 dtype: torch.dtype = torch.float32, device: torch.device | str | None = None) -> Tensor:
-    """P ∈ R^{rank×dim}: Haar-random orthonormal rows scaled by √(dim/rank), a function of
-    (seed, index, count) only. The draw is GoLore's own (``haar_stiefel`` with a ``derive_seed`` key, made on
-    the CPU), so for the same (seed, index, count) P = √(dim/rank)·Qᵀ with Q the optimizer's basis."""
-    basis = haar_stiefel(dim, rank, derive_seed(seed, index, count))
-    return (basis.T * math.sqrt(dim / rank)).to(dtype=dtype, device=device)
+    """P ∈ R^{rank×dim} with Haar-random orthonormal rows, a function of (seed, index, count) only. The draw is
+    GoLore's own (``haar_stiefel`` with a ``derive_seed`` key, made on the CPU), so for the same
+    (seed, index, count) P = Qᵀ with Q the optimizer's basis."""
+    return haar_stiefel(dim, rank, derive_seed(seed, index, count)).T.to(dtype=dtype, device=device)
 
 
 class _SubspaceLinear(torch.autograd.Function):

@@ -20,8 +20,9 @@ PAPER = {"llama-60m": (34.06, 34.88, 128), "llama-130m": (25.08, 25.36, 256), "l
          "llama-1b": (15.56, 15.64, 512)}
 PAPER_STEPS = {"llama-60m": 10_000, "llama-130m": 20_000, "llama-350m": 60_000, "llama-1b": 100_000}
 METHODS = ("adamw", "galore-torch", "galore", "golore", "golore@20", "online_pca", "auto", "rso")
-#: GaLore's recipe: Adam at 1e-3; projected methods at 1e-2 with scale 0.25 (only the projected update is scaled).
-LR = {"adamw": 1e-3, "rso": 1e-3}
+#: GaLore's recipe: Adam at 1e-3; projected methods (RSO too) at 1e-2 with scale 0.25 (only the projected update
+#: is scaled: RSO steps its B at lr x scale, which makes its steps GoLore's).
+LR = {"adamw": 1e-3}
 SUBSPACE_LR = 1e-2
 
 
@@ -52,9 +53,14 @@ def plan(scale: str, quick: bool) -> list[Run]:
                 warmup=steps // 10, eval_every=steps // 2, eval_batches=2 if quick else 8, seed=0)
     methods = ("adamw", "galore") if quick else METHODS
     runs = [Run("methods", m, dict(base, optimizer=m, lr=LR.get(m, SUBSPACE_LR))) for m in methods]
-    # Controls: the lr-1e-3 methods at the projected methods' lr, so a difference of lr is not read as one of method
-    runs += [Run("methods", f"{m} (lr {SUBSPACE_LR:g})", dict(base, optimizer=m, lr=SUBSPACE_LR))
-             for m in ("adamw", "rso") if not quick]
+    # Controls: AdamW at the projected methods' lr, so a difference of lr is not read as one of method; RSO at
+    # AdamW's; and GoLore with its moments reset at every refresh, which is what RSO's steps equal (up to which
+    # layers share a random subspace: RSO draws one P per shared input, GoLore one basis per weight).
+    if not quick:
+        runs += [Run("methods", f"adamw (lr {SUBSPACE_LR:g})", dict(base, optimizer="adamw", lr=SUBSPACE_LR)),
+                 Run("methods", f"rso (lr {LR['adamw']:g})", dict(base, optimizer="rso", lr=LR["adamw"])),
+                 Run("methods", "golore (moments reset)", dict(base, optimizer="golore", moments="reset",
+                                                              lr=SUBSPACE_LR))]
     for rank in () if quick else (16, 64):  # d/8 and d/2; d/4 = 32 is the methods study's run
         runs.append(Run("rank", f"galore r={rank}", dict(base, optimizer="galore", rank=rank, lr=SUBSPACE_LR)))
     # Batches 1 and 8 at the same steps: 4x less and 2x more gradient averaging than the methods' 4.
@@ -158,10 +164,13 @@ Setup: every run {first['steps']} steps, batch {first['batch_size']} x {first['s
 studies: equal tokens), seed 0 (model init, data order, random projections), cosine schedule with
 {first['warmup']} warm-up steps, gradient clipping 1.0, fp32, rank 32 = d/4 unless stated, refresh gap
 {first['update_gap']} (GoLore@20% switches to random projections at step {int(first['steps'] * 0.8)}), scale
-0.25. Learning rates follow GaLore's recipe: AdamW and RSO 1e-3, the projected methods 1e-2 (their linear layers
-move by scale x lr; embeddings, norms and lm_head are trained densely at that lr); the rows `adamw (lr 0.01)` and
-`rso (lr 0.01)` are controls at the projected methods' lr, since in a short run a larger lr alone lowers the
-perplexity (most of llama-tiny's parameters are the dense embeddings, trained at the group's lr). Validation: the same
+0.25. Learning rates follow GaLore's recipe: AdamW 1e-3, the projected methods and RSO 1e-2 (their linear layers
+move by scale x lr: RSO steps its B at lr x scale, which with its orthonormal P makes its steps GoLore's with the
+moments reset at every merge; embeddings, norms and lm_head are trained densely at lr). Controls: `adamw (lr 0.01)`
+and `rso (lr 0.001)` swap the two learning rates, since in a short run the lr of the dense embeddings (most of
+llama-tiny's parameters) moves the perplexity a lot; `golore (moments reset)` is the GoLore run that RSO's steps
+equal, up to which layers share a random subspace (RSO: one P per shared input, q/k/v and gate/up; GoLore: one
+basis per weight). Validation: the same
 {first['eval_batches'] * first['batch_size']} held-out sequences for every run. Memory columns are the harness's
 measured report (optimizer state: `opt.state_bytes()` for ours, the state's tensors for torch's AdamW and
 galore-torch — which leaves out galore-torch's projection matrices, held in a Python object; peak RSS: the
@@ -228,6 +237,11 @@ def verdict(runs: list[Run], results: dict) -> str:
                 lines.append(f"- {label}: val ppl {s['final_val_ppl']:.2f} = {s['final_val_ppl'] / ppl0:.3f} x AdamW's "
                              f"{ppl0:.2f}; optimizer state {s['optimizer_state_bytes'] / by['adamw']['optimizer_state_bytes']:.2f}"
                              f" x AdamW's; peak RSS {s['peak_memory_bytes'] / by['adamw']['peak_memory_bytes']:.2f} x.")
+    rso = by.get("rso")
+    for label in ("golore", "golore (moments reset)"):
+        if rso and label in by:
+            lines.append(f"- RSO against {label}: val ppl {rso['final_val_ppl']:.2f} vs {by[label]['final_val_ppl']:.2f} "
+                         f"(ratio {rso['final_val_ppl'] / by[label]['final_val_ppl']:.3f}).")
     batch = {r.label: results[r.key] for r in runs if r.study == "batch"}
     for b in sorted({int(k.split("b=")[1]) for k in batch}):
         ga, go = batch.get(f"galore b={b}"), batch.get(f"golore b={b}")

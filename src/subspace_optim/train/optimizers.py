@@ -87,9 +87,11 @@ def _golore_at(cfg: TrainConfig, model: nn.Module) -> Setup:
 
 
 def _rso(cfg: TrainConfig, model: nn.Module) -> Setup:
-    """RSO (Chen et al. 2025): targeted linear layers become W (frozen) + B P with a random P; the --rule trains
-    B and the untargeted parameters at full rank; every --update-gap steps W <- W + B P and P is redrawn."""
-    from subspace_optim.layers import RSOController, apply_rso
+    """RSO (Chen et al. 2025): targeted linear layers become W (frozen) + B P with a random orthonormal P; the
+    --rule trains B and the untargeted parameters at full rank; every --update-gap steps W <- W + B P and P is
+    redrawn. B's lr is --lr x --scale: with P = Qᵀ an inner step on B is then exactly the GoLore optimizer's
+    step with the same --lr and --scale (moments reset at each merge), so the two share one recipe."""
+    from subspace_optim.layers import RSOController, apply_rso, rso_layers
 
     if cfg.layerwise:
         raise UsageError("--optimizer rso cannot be used with --layerwise")
@@ -97,7 +99,10 @@ def _rso(cfg: TrainConfig, model: nn.Module) -> Setup:
         apply_rso(model, rank=cfg.rank or default_rank(model), target=target_spec(cfg.target), seed=cfg.seed)
     except ValueError as err:
         raise UsageError(f"--optimizer rso: {err}") from None
-    setup = _ours(cfg, model, [{"params": [p for p in model.parameters() if p.requires_grad]}])
+    subspace = {id(layer.B): layer.B for layer in rso_layers(model).values()}
+    dense = [p for p in model.parameters() if p.requires_grad and id(p) not in subspace]
+    groups = [{"params": dense}, {"params": list(subspace.values()), "lr": cfg.lr * cfg.scale}]
+    setup = _ours(cfg, model, [g for g in groups if g["params"]])
     RSOController(model, setup.optimizer, update_gap=cfg.update_gap)  # attaches as the optimizer's step hooks
     return setup
 
