@@ -5,6 +5,7 @@ fp32), sequences of 256 tokens, rank 128 for every method. Usage:
 
     python benchmarks/activation_memory.py                       # batches 4 16 64, 1 measured step each
     python benchmarks/activation_memory.py --batches 4 16 --steps 3
+    python benchmarks/activation_memory.py --fused-loss       # lm_head + loss by torch's linear_cross_entropy
 
 What is measured, and why this way:
 - Every (method, batch) runs in a fresh subprocess: a process's peak RSS never goes down, so configurations
@@ -14,8 +15,12 @@ What is measured, and why this way:
   The subprocess runs with MALLOC_MMAP_THRESHOLD_ fixed at 128 KiB, so glibc returns every freed tensor to the OS
   at once and RSS follows live memory instead of allocator caches. On a GPU, use torch.cuda.max_memory_allocated.
 - saved: bytes autograd saves for backward (saved_tensors_hooks, each storage once, weights and buffers
-  excluded), total and the part saved by the targeted linear layers' own ops (nn.Linear: its input x, tokens×in;
-  RSO: x Pᵀ, tokens×r, once per shared-input group).
+  excluded, plus the tensors that custom autograd Functions keep as ctx attributes: with --fused-loss, the
+  gradients linear_cross_entropy computes in forward, tokens×hidden and vocab×hidden), total and the part
+  saved by the targeted linear layers' own ops (nn.Linear: its input x, tokens×in; RSO: x Pᵀ, tokens×r, once
+  per shared-input group).
+- --fused-loss: the forward computes the loss with subspace_optim.train.loss.causal_lm_loss(fused=True), as
+  `subspace-optim train --fused-loss` does; without it, HF's model(...).loss (the same function, fused=False).
 - Each run first takes one warm-up step on a single sequence: it creates the optimizer state (and runs GaLore's
   SVDs), so that the measured steps at the full batch hold weights, gradients, state and activations together,
   as every step after the first does in training, without paying for a second full-batch step on a slow CPU.
@@ -61,7 +66,7 @@ def build(method: str, model, rank: int):
     raise ValueError(f"unknown method {method!r}; choose from {METHODS}")
 
 
-def worker(method: str, batch: int, seq: int, steps: int, rank: int) -> dict:
+def worker(method: str, batch: int, seq: int, steps: int, rank: int, fused_loss: bool) -> dict:
     import torch
 
     from subspace_optim.memory import (
@@ -72,6 +77,7 @@ def worker(method: str, batch: int, seq: int, steps: int, rank: int) -> dict:
         storage_ids,
         weight_bytes,
     )
+    from subspace_optim.train.loss import causal_lm_loss
     from subspace_optim.train.models import build_causal_lm, causal_lm_config
 
     class LayerSaved(SavedActivations):
@@ -106,13 +112,15 @@ def worker(method: str, batch: int, seq: int, steps: int, rank: int) -> dict:
     wall = cpu_time = 0.0
     for step in range(steps + 1):
         batch_ids = ids[:1] if step == 0 else ids  # step 0: warm-up on one sequence, not measured
+        lm_batch = {"input_ids": batch_ids, "labels": batch_ids}
         t0, c0 = time.perf_counter(), time.process_time()
         if step == 1:
             with LayerSaved(model, layers) as rec:
-                loss = model(input_ids=batch_ids, labels=batch_ids).loss
+                loss = causal_lm_loss(model, lm_batch, fused_loss)
+            rec.add_held(loss)
             saved, layer_saved = rec.bytes, sum(rec.layer_saved.values())
         else:
-            loss = model(input_ids=batch_ids, labels=batch_ids).loss
+            loss = causal_lm_loss(model, lm_batch, fused_loss)
         loss.backward()
         grads = max(grads, gradient_bytes(model))
         opt.step()
@@ -121,7 +129,7 @@ def worker(method: str, batch: int, seq: int, steps: int, rank: int) -> dict:
             wall += time.perf_counter() - t0
             cpu_time += time.process_time() - c0
     return {
-        "method": method, "batch": batch, "seq": seq, "rank": rank, "steps": steps,
+        "method": method, "batch": batch, "seq": seq, "rank": rank, "steps": steps, "fused_loss": fused_loss,
         "peak": peak_memory_bytes(cpu) - base, "saved": saved, "layer_saved": layer_saved,
         "weights": weight_bytes(model), "grads": grads, "state": optimizer_state_bytes(opt),
         "step_s": wall / steps, "cpu_s": cpu_time / steps,
@@ -132,7 +140,7 @@ def worker(method: str, batch: int, seq: int, steps: int, rank: int) -> dict:
 def run_one(method: str, batch: int, args) -> dict:
     env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": str(128 * 1024), "PYTHONUNBUFFERED": "1"}
     cmd = [sys.executable, __file__, "--worker", method, "--batches", str(batch), "--seq", str(args.seq),
-           "--steps", str(args.steps), "--rank", str(args.rank)]
+           "--steps", str(args.steps), "--rank", str(args.rank), *(["--fused-loss"] if args.fused_loss else [])]
     out = subprocess.run(cmd, env=env, capture_output=True, text=True)
     if out.returncode != 0:
         raise RuntimeError(f"{method} batch {batch} failed:\n{out.stderr[-3000:]}")
@@ -144,7 +152,9 @@ def table(results: list[dict], command: str) -> str:
     lines = [
         f"`{command}` — LLaMA-60M shape, fp32, seq {results[0]['seq']}, rank {results[0]['rank']}, "
         f"{results[0]['threads']} CPU threads, {results[0]['steps']} measured step(s) per run after a one-sequence "
-        "warm-up step, ratios to AdamW at the same batch",
+        "warm-up step, ratios to AdamW at the same batch; loss: "
+        + ("fused (lm_head + cross-entropy by torch's chunked linear_cross_entropy, no logits stored)"
+           if results[0]["fused_loss"] else "plain (HF's model(...).loss: batch×seq×vocab logits)"),
         "",
         "| batch | method | peak RSS (MiB) | ×AdamW | saved activations (MiB) | ×AdamW | saved by linear layers (MiB) "
         "| ×AdamW | weights+grads+state (MiB) | step wall (s) | step CPU (s) | ×AdamW (CPU) |",
@@ -169,11 +179,13 @@ def main(argv=None) -> None:
     parser.add_argument("--seq", type=int, default=256)
     parser.add_argument("--steps", type=int, default=1, help="measured full-batch steps per run (after a warm-up)")
     parser.add_argument("--rank", type=int, default=128)
+    parser.add_argument("--fused-loss", action="store_true", help="compute lm_head and the cross-entropy together "
+                        "in chunks (torch's linear_cross_entropy): the logits are never stored")
     parser.add_argument("--json", help="also write the raw results here")
     parser.add_argument("--worker", choices=METHODS, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.worker:
-        print(json.dumps(worker(args.worker, args.batches[0], args.seq, args.steps, args.rank)))
+        print(json.dumps(worker(args.worker, args.batches[0], args.seq, args.steps, args.rank, args.fused_loss)))
         return
     command = "python benchmarks/activation_memory.py " + " ".join(argv if argv is not None else sys.argv[1:])
     results = []

@@ -9,6 +9,7 @@ import torch
 from safetensors.torch import load_file
 
 from subspace_optim.cli import main
+from subspace_optim.train import TrainConfig, UsageError, run
 from subspace_optim.train.data import bbc_news_dir
 from subspace_optim.train.loop import cosine_with_warmup
 from subspace_optim.train.runlog import MetricsLog
@@ -167,6 +168,8 @@ def test_cosine_schedule():
     ["--optimizer", "online_pca", "--rule", "lion"],
     ["--optimizer", "auto", "--rule", "adafactor"],
     ["--optimizer", "golore", "--dtype", "bfloat16", "--target", "mlp,o_proj"],
+    ["--optimizer", "rso", "--fused-loss", "--grad-accum", "2"],
+    ["--optimizer", "galore", "--layerwise", "--fused-loss", "--dtype", "bfloat16"],
 ])
 def test_optimizers_and_rules_run(tmp_path, extra):
     text = tmp_path / "text.txt"
@@ -179,3 +182,39 @@ def test_optimizers_and_rules_run(tmp_path, extra):
     assert summary["skipped_steps"] == 0 and summary["final_val_loss"] > 0
     if "auto" in extra:
         assert isinstance(summary["switch_steps"], dict)
+
+
+def test_fused_loss_trains_like_the_plain_loss_with_less_saved(tmp_path, bbc_slice):
+    """`--fused-loss` on llama-tiny: the same first loss as HF's `.loss` (same seed and data), close losses
+    after an update, and less memory held for backward: the 4 × 64 × 32000 fp32 logits are gone, the
+    32000 × 128 gradient of lm_head's weight that torch's chunked loss computes in forward is held instead."""
+    runs = {}
+    for fused in (False, True):
+        out = tmp_path / f"fused-{fused}"
+        train("--model", "llama-tiny", "--data", bbc_slice, "--steps", "2", "--batch-size", "4", "--seq-len", "64",
+              "--eval-batches", "1", "--quiet", "--out", str(out), *(["--fused-loss"] if fused else []))
+        runs[fused] = metrics(out), json.loads((out / "summary.json").read_text())
+        assert json.loads((out / "config.json").read_text())["fused_loss"] is fused
+    (plain_rows, plain), (fused_rows, fused) = runs[False], runs[True]
+    assert float(fused_rows[0]["loss"]) == pytest.approx(float(plain_rows[0]["loss"]), rel=1e-5)
+    assert float(fused_rows[1]["loss"]) == pytest.approx(float(plain_rows[1]["loss"]), rel=1e-3)
+    assert fused["final_val_loss"] == pytest.approx(plain["final_val_loss"], rel=1e-3)
+    logits, weight_grad = 4 * 64 * 32000 * 4, 32000 * 128 * 4
+    saved = {name: s["memory"]["activations_bytes"] for name, s in (("plain", plain), ("fused", fused))}
+    assert saved["fused"] <= saved["plain"] - logits + weight_grad
+
+
+def test_fused_loss_usage_errors(tmp_path, bbc_slice, capsys):
+    with pytest.raises(UsageError, match="--fused-loss is for causal-LM training"):
+        run(TrainConfig(task="classify", fused_loss=True))
+    with pytest.raises(SystemExit) as exit_:  # `finetune` has no such flag
+        main(["finetune", "--fused-loss"])
+    assert exit_.value.code == 2 and "--fused-loss" in capsys.readouterr().err
+    gemma = tmp_path / "gemma2.json"
+    gemma.write_text(json.dumps({"model_type": "gemma2", "hidden_size": 32, "intermediate_size": 64,
+                                 "num_hidden_layers": 1, "num_attention_heads": 2, "num_key_value_heads": 2,
+                                 "head_dim": 16, "vocab_size": 32000, "final_logit_softcapping": 30.0}))
+    out = tmp_path / "run"
+    assert main(["train", "--model", str(gemma), "--data", bbc_slice, "--fused-loss", "--out", str(out), *SMALL]) == 2
+    assert "--fused-loss: Gemma2ForCausalLM has final_logit_softcapping=30.0" in capsys.readouterr().err
+    assert not out.exists()

@@ -57,6 +57,7 @@ class SavedActivations:
     """Context manager counting the bytes autograd saves for backward (activations), each storage once.
 
     Parameters saved by e.g. linear layers are weights, not activations, so their storages are excluded.
+    ``add_held(loss)`` after the forward adds what custom autograd Functions hold outside the hooks' view.
     """
 
     def __init__(self, model: nn.Module):
@@ -70,6 +71,22 @@ class SavedActivations:
             if storage.data_ptr() not in self._params:
                 self._saved[storage.data_ptr()] = storage.nbytes()
         return t
+
+    def add_held(self, output: torch.Tensor) -> None:
+        """Also count the tensors that custom autograd Functions in ``output``'s graph keep as plain ctx
+        attributes (``ctx.t = t``): they live until backward too, but saved_tensors_hooks never see them. torch's
+        chunked ``linear_cross_entropy`` keeps its gradients, computed in forward, that way (tokens×hidden and
+        vocab×hidden)."""
+        stack, seen = [output.grad_fn], set()
+        while stack:
+            node = stack.pop()
+            if node is None or node in seen:
+                continue
+            seen.add(node)
+            for value in getattr(node, "__dict__", {}).values():
+                if isinstance(value, torch.Tensor):
+                    self._pack(value)
+            stack.extend(next_node for next_node, _ in node.next_functions)
 
     @property
     def bytes(self) -> int:

@@ -59,6 +59,8 @@ class TrainConfig:
     moments: str | None = _f(None, "what the moments do when the subspace changes (default: the optimizer's)",
                              choices=("keep", "project", "rotate", "reset"), type=str)
     layerwise: bool = _f(False, "update each weight inside backward (saves gradient memory; no --clip)")
+    fused_loss: bool = _f(False, "compute lm_head and the cross-entropy together in chunks (torch's "
+                          "linear_cross_entropy): the logits are never stored", only="lm")
     steps: int | None = _f(None, "optimizer steps; with --resume, a larger value extends the run", type=int)
     batch_size: int | None = _f(None, "sequences per micro-batch", type=int)
     grad_accum: int = _f(1, "micro-batches per optimizer step")
@@ -138,6 +140,9 @@ def resolve(cfg: TrainConfig) -> TrainConfig:
     if cfg.optimizer == "adamw" and cfg.layerwise:
         raise UsageError("--layerwise needs one of our optimizers (e.g. --optimizer full or galore), "
                          "not the torch AdamW baseline")
+    if cfg.fused_loss and cfg.task != "lm":
+        raise UsageError("--fused-loss is for causal-LM training (`subspace-optim train`); a classifier has no "
+                         "vocabulary-sized output layer to fuse")
     if cfg.layerwise and cfg.clip:
         raise UsageError("--clip cannot be used with --layerwise: weights are updated inside backward, so no "
                          "global gradient norm exists")

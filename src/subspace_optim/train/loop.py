@@ -124,8 +124,9 @@ def run(cfg: TrainConfig, given: set[str] = frozenset()) -> dict:
             # activations: what autograd saves during one forward (measured once, on the first micro-batch)
             measure = "activations_bytes" not in memory
             with SavedActivations(model) if measure else nullcontext() as meter:
-                loss = model(**batch).loss / cfg.grad_accum
+                loss = task.loss(model, batch) / cfg.grad_accum
             if measure:
+                meter.add_held(loss)
                 memory["activations_bytes"] = meter.bytes
             loss.backward()
             loss_sum += loss.item()

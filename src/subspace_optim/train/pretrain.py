@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import itertools
 import math
 from collections.abc import Iterable, Iterator
@@ -11,6 +12,7 @@ import torch
 from .config import TrainConfig, UsageError
 from .data import (ShuffledBatches, StreamBatches, Tokenizer, hub_documents, in_validation, is_hub_name,
                    lm_batch, pack, read_documents, split)
+from .loss import causal_lm_loss, fused_parts
 from .models import build_causal_lm, causal_lm_config, count_parameters, max_positions
 from .task import Task
 
@@ -57,16 +59,25 @@ def lm_task(cfg: TrainConfig) -> Task:
 
     model = build_causal_lm(config)
     info.update(count_parameters(model))
+    if cfg.fused_loss:
+        try:
+            fused_parts(model)
+        except ValueError as err:
+            raise UsageError(f"--fused-loss: {err}") from None
+    loss_fn = functools.partial(causal_lm_loss, fused=cfg.fused_loss)
 
     @torch.no_grad()
     def evaluate(model) -> dict:
         device = next(model.parameters()).device
         total = 0.0
         for rows in val.split(cfg.batch_size):
-            # every sequence has seq_len tokens, so a size-weighted mean of batch means is the token mean
-            total += model(**lm_batch(rows.to(device))).loss.float().item() * len(rows)
+            # The training loss function here too: without autograd nothing is saved, but the plain loss
+            # still makes the batch×seq×vocab logits (and their log-softmax) at once, which would set the
+            # run's peak memory that --fused-loss avoids. Every sequence has seq_len tokens, so a size-weighted
+            # mean of batch means is the token mean.
+            total += loss_fn(model, lm_batch(rows.to(device))).float().item() * len(rows)
         loss = total / len(val)
         return {"val_loss": loss, "val_ppl": math.exp(min(loss, 700.0))}
 
     return Task(model=model, batches=batches, evaluate=evaluate, tokens=lambda b: b["input_ids"].numel(),
-                summary_keys={"val_loss": "final_val_loss", "val_ppl": "final_val_ppl"}, info=info)
+                summary_keys={"val_loss": "final_val_loss", "val_ppl": "final_val_ppl"}, info=info, loss=loss_fn)

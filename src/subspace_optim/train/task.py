@@ -5,7 +5,13 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
+import torch
 from torch import nn
+
+
+def model_loss(model: nn.Module, batch: dict) -> torch.Tensor:
+    """The model's own loss (HF models compute it when the batch has labels)."""
+    return model(**batch).loss
 
 
 @dataclass
@@ -16,3 +22,4 @@ class Task:
     tokens: Callable[[dict], int]  # tokens in a batch (for tokens/s)
     summary_keys: dict[str, str]  # validation metric -> summary.json key
     info: dict = field(default_factory=dict)  # facts for config/summary (parameter counts, data sizes, labels)
+    loss: Callable[[nn.Module, dict], torch.Tensor] = model_loss  # (model, batch) -> scalar training loss
