@@ -5,7 +5,7 @@ fp32), sequences of 256 tokens, rank 128 for every method. Usage:
 
     python benchmarks/activation_memory.py                       # batches 4 16 64, 1 measured step each
     python benchmarks/activation_memory.py --batches 4 16 --steps 3
-    python benchmarks/activation_memory.py --fused-loss       # lm_head + loss by torch's linear_cross_entropy
+    python benchmarks/activation_memory.py --batches 16 --variants plain fused fused+ckpt
 
 What is measured, and why this way:
 - Every (method, batch) runs in a fresh subprocess: a process's peak RSS never goes down, so configurations
@@ -19,8 +19,12 @@ What is measured, and why this way:
   gradients linear_cross_entropy computes in forward, tokens×hidden and vocab×hidden), total and the part
   saved by the targeted linear layers' own ops (nn.Linear: its input x, tokens×in; RSO: x Pᵀ, tokens×r, once
   per shared-input group).
-- --fused-loss: the forward computes the loss with subspace_optim.train.loss.causal_lm_loss(fused=True), as
-  `subspace-optim train --fused-loss` does; without it, HF's model(...).loss (the same function, fused=False).
+- --variants: each method runs under each variant, the harness's options that cut other activations:
+  plain (HF's model(...).loss, as `subspace-optim train`), fused (`--fused-loss`: causal_lm_loss(fused=True),
+  lm_head + cross-entropy by torch's chunked linear_cross_entropy, no batch×seq×vocab logits), ckpt
+  (`--checkpointing`: HF activation checkpointing, each decoder layer keeps only its input, which the checkpoint
+  holds outside autograd's saved tensors, so the saved figure leaves those out), or a '+' of them.
+  Ratios are to AdamW *plain* at the same batch, and to AdamW under the same variant.
 - Each run first takes one warm-up step on a single sequence: it creates the optimizer state (and runs GaLore's
   SVDs), so that the measured steps at the full batch hold weights, gradients, state and activations together,
   as every step after the first does in training, without paying for a second full-batch step on a slow CPU.
@@ -66,7 +70,7 @@ def build(method: str, model, rank: int):
     raise ValueError(f"unknown method {method!r}; choose from {METHODS}")
 
 
-def worker(method: str, batch: int, seq: int, steps: int, rank: int, fused_loss: bool) -> dict:
+def worker(method: str, batch: int, seq: int, steps: int, rank: int, variant: str) -> dict:
     import torch
 
     from subspace_optim.memory import (
@@ -78,7 +82,7 @@ def worker(method: str, batch: int, seq: int, steps: int, rank: int, fused_loss:
         weight_bytes,
     )
     from subspace_optim.train.loss import causal_lm_loss
-    from subspace_optim.train.models import build_causal_lm, causal_lm_config
+    from subspace_optim.train.models import build_causal_lm, causal_lm_config, enable_checkpointing
 
     class LayerSaved(SavedActivations):
         """Also counts what the targeted layers' own ops save (hooks mark when their forward runs)."""
@@ -107,6 +111,10 @@ def worker(method: str, batch: int, seq: int, steps: int, rank: int, fused_loss:
     torch.manual_seed(0)
     model = build_causal_lm(causal_lm_config("llama-60m", 32000, None, None)).train()
     opt, layers = build(method, model, rank)
+    features = set(variant.split("+"))
+    fused_loss = "fused" in features
+    if "ckpt" in features:
+        enable_checkpointing(model)
     ids = torch.randint(0, 32000, (batch, seq), generator=torch.Generator().manual_seed(0))
     saved = layer_saved = grads = 0
     wall = cpu_time = 0.0
@@ -129,7 +137,7 @@ def worker(method: str, batch: int, seq: int, steps: int, rank: int, fused_loss:
             wall += time.perf_counter() - t0
             cpu_time += time.process_time() - c0
     return {
-        "method": method, "batch": batch, "seq": seq, "rank": rank, "steps": steps, "fused_loss": fused_loss,
+        "method": method, "batch": batch, "seq": seq, "rank": rank, "steps": steps, "variant": variant,
         "peak": peak_memory_bytes(cpu) - base, "saved": saved, "layer_saved": layer_saved,
         "weights": weight_bytes(model), "grads": grads, "state": optimizer_state_bytes(opt),
         "step_s": wall / steps, "cpu_s": cpu_time / steps,
@@ -137,13 +145,13 @@ def worker(method: str, batch: int, seq: int, steps: int, rank: int, fused_loss:
     }
 
 
-def run_one(method: str, batch: int, args) -> dict:
+def run_one(method: str, batch: int, variant: str, args) -> dict:
     env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": str(128 * 1024), "PYTHONUNBUFFERED": "1"}
     cmd = [sys.executable, __file__, "--worker", method, "--batches", str(batch), "--seq", str(args.seq),
-           "--steps", str(args.steps), "--rank", str(args.rank), *(["--fused-loss"] if args.fused_loss else [])]
+           "--steps", str(args.steps), "--rank", str(args.rank), "--variants", variant]
     out = subprocess.run(cmd, env=env, capture_output=True, text=True)
     if out.returncode != 0:
-        raise RuntimeError(f"{method} batch {batch} failed:\n{out.stderr[-3000:]}")
+        raise RuntimeError(f"{method} ({variant}) batch {batch} failed:\n{out.stderr[-3000:]}")
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
@@ -152,24 +160,30 @@ def table(results: list[dict], command: str) -> str:
     lines = [
         f"`{command}` — LLaMA-60M shape, fp32, seq {results[0]['seq']}, rank {results[0]['rank']}, "
         f"{results[0]['threads']} CPU threads, {results[0]['steps']} measured step(s) per run after a one-sequence "
-        "warm-up step, ratios to AdamW at the same batch; loss: "
-        + ("fused (lm_head + cross-entropy by torch's chunked linear_cross_entropy, no logits stored)"
-           if results[0]["fused_loss"] else "plain (HF's model(...).loss: batch×seq×vocab logits)"),
+        "warm-up step; ratios to AdamW (plain) at the same batch, and to AdamW under the same variant",
         "",
-        "| batch | method | peak RSS (MiB) | ×AdamW | saved activations (MiB) | ×AdamW | saved by linear layers (MiB) "
-        "| ×AdamW | weights+grads+state (MiB) | step wall (s) | step CPU (s) | ×AdamW (CPU) |",
-        "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| batch | method | variant | peak RSS (MiB) | ×AdamW | ×AdamW same variant | saved activations (MiB) | ×AdamW "
+        "| saved by linear layers (MiB) | weights+grads+state (MiB) | step wall (s) | step CPU (s) | ×AdamW (CPU) |",
+        "|---:|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
-    ref = {r["batch"]: r for r in results if r["method"] == "adamw"}
+    ref = {(r["batch"], r["variant"]): r for r in results if r["method"] == "adamw"}
     for r in results:
-        a = ref.get(r["batch"])
-        ratio = lambda k: f"{r[k] / a[k]:.2f}" if a and a[k] else "–"  # noqa: E731
+        plain, same = ref.get((r["batch"], "plain")), ref.get((r["batch"], r["variant"]))
+        ratio = lambda k, a=plain: f"{r[k] / a[k]:.2f}" if a and a[k] else "–"  # noqa: E731
         static = r["weights"] + r["grads"] + r["state"]
         lines.append(
-            f"| {r['batch']} | {r['method']} | {mib(r['peak']):.0f} | {ratio('peak')} | {mib(r['saved']):.0f} "
-            f"| {ratio('saved')} | {mib(r['layer_saved']):.0f} | {ratio('layer_saved')} | {mib(static):.0f} "
-            f"| {r['step_s']:.1f} | {r['cpu_s']:.1f} | {ratio('cpu_s')} |")
+            f"| {r['batch']} | {r['method']} | {r['variant']} | {mib(r['peak']):.0f} | {ratio('peak')} "
+            f"| {ratio('peak', same)} | {mib(r['saved']):.0f} | {ratio('saved')} | {mib(r['layer_saved']):.0f} "
+            f"| {mib(static):.0f} | {r['step_s']:.1f} | {r['cpu_s']:.1f} | {ratio('cpu_s')} |")
     return "\n".join(lines)
+
+
+def variant_name(text: str) -> str:
+    """'plain', or a '+'-joined set of 'fused' and 'ckpt' (argparse type)."""
+    parts = text.split("+")
+    if text != "plain" and (not set(parts) <= {"fused", "ckpt"} or len(set(parts)) != len(parts)):
+        raise argparse.ArgumentTypeError(f"{text!r}: use plain, fused, ckpt or fused+ckpt")
+    return text
 
 
 def main(argv=None) -> None:
@@ -179,21 +193,23 @@ def main(argv=None) -> None:
     parser.add_argument("--seq", type=int, default=256)
     parser.add_argument("--steps", type=int, default=1, help="measured full-batch steps per run (after a warm-up)")
     parser.add_argument("--rank", type=int, default=128)
-    parser.add_argument("--fused-loss", action="store_true", help="compute lm_head and the cross-entropy together "
-                        "in chunks (torch's linear_cross_entropy): the logits are never stored")
+    parser.add_argument("--variants", nargs="+", type=variant_name, default=["plain"],
+                        help="plain, fused (--fused-loss), ckpt (--checkpointing), or fused+ckpt")
     parser.add_argument("--json", help="also write the raw results here")
     parser.add_argument("--worker", choices=METHODS, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.worker:
-        print(json.dumps(worker(args.worker, args.batches[0], args.seq, args.steps, args.rank, args.fused_loss)))
+        print(json.dumps(worker(args.worker, args.batches[0], args.seq, args.steps, args.rank, args.variants[0])))
         return
     command = "python benchmarks/activation_memory.py " + " ".join(argv if argv is not None else sys.argv[1:])
     results = []
     for batch in args.batches:
-        for method in args.methods:
-            t0 = time.perf_counter()
-            results.append(run_one(method, batch, args))
-            print(f"# {method} batch {batch}: {time.perf_counter() - t0:.0f} s", file=sys.stderr, flush=True)
+        for variant in args.variants:
+            for method in args.methods:
+                t0 = time.perf_counter()
+                results.append(run_one(method, batch, variant, args))
+                print(f"# {method} ({variant}) batch {batch}: {time.perf_counter() - t0:.0f} s", file=sys.stderr,
+                      flush=True)
     if args.json:
         with open(args.json, "w") as f:
             json.dump(results, f, indent=1)

@@ -61,6 +61,8 @@ class TrainConfig:
     layerwise: bool = _f(False, "update each weight inside backward (saves gradient memory; no --clip)")
     fused_loss: bool = _f(False, "compute lm_head and the cross-entropy together in chunks (torch's "
                           "linear_cross_entropy): the logits are never stored", only="lm")
+    checkpointing: bool = _f(False, "activation checkpointing: keep only each layer's input and recompute the "
+                             "rest during backward (about one more forward pass); same gradients")
     steps: int | None = _f(None, "optimizer steps; with --resume, a larger value extends the run", type=int)
     batch_size: int | None = _f(None, "sequences per micro-batch", type=int)
     grad_accum: int = _f(1, "micro-batches per optimizer step")
@@ -86,7 +88,7 @@ class TrainConfig:
     quiet: bool = _f(False, "no progress bar or evaluation lines, only the final report")
 
     # Flags that a resumed run may change; anything else must match the run's config.json.
-    RESUMABLE = ("steps", "eval_every", "eval_batches", "save_every", "quiet", "resume", "device")
+    RESUMABLE = ("steps", "eval_every", "eval_batches", "save_every", "quiet", "resume", "device", "checkpointing")
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

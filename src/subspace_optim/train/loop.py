@@ -18,7 +18,7 @@ from ..memory import (SavedActivations, format_report, gradient_bytes, human, op
 from . import checkpoint
 from .config import TrainConfig, UsageError, load_config, resolve, save_config
 from .finetune import classify_task
-from .models import to_device
+from .models import enable_checkpointing, to_device
 from .optimizers import build_optimizer, default_rank
 from .pretrain import lm_task
 from .runlog import MetricsLog, plot_losses, write_json
@@ -84,6 +84,8 @@ def run(cfg: TrainConfig, given: set[str] = frozenset()) -> dict:
     torch.manual_seed(cfg.seed)
     random.seed(cfg.seed)
     task = TASKS[cfg.task](cfg)
+    if cfg.checkpointing:
+        enable_checkpointing(task.model)
     if cfg.rank is None and cfg.optimizer not in ("adamw", "full"):
         cfg.rank = default_rank(task.model)
     setup = build_optimizer(cfg, to_device(task.model, device, cfg.dtype))

@@ -108,3 +108,12 @@ def count_parameters(model: nn.Module) -> dict:
 
 def to_device(model: nn.Module, device: torch.device, dtype: str) -> nn.Module:
     return model.to(device=device, dtype=getattr(torch, dtype))
+
+
+def enable_checkpointing(model: nn.Module) -> None:
+    """HF activation checkpointing of every decoder/encoder layer, non-reentrant (torch's recommended mode; it
+    also works with RSO's custom autograd Function and with layer-wise updates, whose hooks fire once per
+    parameter). Gradients are unchanged: the recomputed forward is the same computation."""
+    if not getattr(model, "supports_gradient_checkpointing", False):
+        raise UsageError(f"--checkpointing: {type(model).__name__} does not support activation checkpointing")
+    model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
