@@ -70,6 +70,10 @@ def plan(scale: str, quick: bool) -> list[Run]:
         for m in ("golore",) if quick else ("galore", "golore"):
             runs.append(Run("batch", f"{m} b={b}", dict(base, optimizer=m, batch_size=b, lr=SUBSPACE_LR,
                                                        eval_batches=max(1, val_seqs // b))))
+    # RSO against GoLore at two more seeds (seed 0 is the methods study's): is the gap larger than seed noise?
+    for seed in () if quick else (1, 2):
+        for m in ("golore", "rso"):
+            runs.append(Run("seeds", f"{m} seed={seed}", dict(base, optimizer=m, lr=SUBSPACE_LR, seed=seed)))
     return runs
 
 
@@ -138,7 +142,7 @@ def main(args) -> Path | None:
     def study(name):
         return [r for r in runs if r.study == name]
 
-    methods, ranks, batches = study("methods"), study("rank"), study("batch")
+    methods, ranks, batches, seeds = study("methods"), study("rank"), study("batch"), study("seeds")
     base_run = next((r for r in methods if r.label == "adamw"), None)
     base = results[base_run.key] if base_run else None
     fig1 = _plot(report, "", "methods (equal tokens, seed 0)", methods, dirs)
@@ -194,6 +198,10 @@ auto: {switch.get('auto', 'not run')}.
 
 {table(HEADER, [_row(r, results[r.key], base) for r in batches])}
 
+## RSO against GoLore across seeds (seed 0: the methods study)
+
+{seed_table(methods + seeds, results)}
+
 ## The papers' numbers (GaLore Table 2, C4, validation perplexity)
 
 {table(["model", "full-rank Adam", "GaLore", "GaLore / full", "rank"], paper_rows)}
@@ -214,6 +222,20 @@ Each run, as `subspace-optim train` (what `reproduce pretrain` ran, in this orde
 """
     body = body.replace("VERDICT", verdict(runs, results))
     return report.write("Pretraining LLaMA: methods, rank and batch at equal tokens", body, seeds="0 for every run")
+
+
+def seed_table(runs: list[Run], results: dict) -> str:
+    """seed | GoLore ppl | RSO ppl | RSO / GoLore, one row per seed that has both, and their means."""
+    ppl = {(r.flags["optimizer"], r.flags["seed"]): results[r.key]["final_val_ppl"] for r in runs
+           if r.flags["optimizer"] in ("golore", "rso") and r.flags["lr"] == SUBSPACE_LR and "moments" not in r.flags}
+    seeds = sorted(s for (m, s) in ppl if m == "rso" and ("golore", s) in ppl)
+    if not seeds:
+        return "(not run)"
+    rows = [[s, f"{ppl['golore', s]:.2f}", f"{ppl['rso', s]:.2f}", f"{ppl['rso', s] / ppl['golore', s]:.3f}"]
+            for s in seeds]
+    mean = lambda m: sum(ppl[m, s] for s in seeds) / len(seeds)  # noqa: E731
+    rows.append(["mean", f"{mean('golore'):.2f}", f"{mean('rso'):.2f}", f"{mean('rso') / mean('golore'):.3f}"])
+    return table(["seed", "GoLore val ppl", "RSO val ppl", "RSO / GoLore"], rows)
 
 
 def _switch_summary(summary: dict) -> str:
