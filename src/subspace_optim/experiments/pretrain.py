@@ -221,7 +221,7 @@ Each run, as `subspace-optim train` (what `reproduce pretrain` ran, in this orde
 10k–100k steps, bf16); they need GPUs and a network and were not run here.
 """
     body = body.replace("VERDICT", verdict(runs, results))
-    return report.write("Pretraining LLaMA: methods, rank and batch at equal tokens", body, seeds="0 for every run")
+    return report.write("Pretraining LLaMA: methods, rank and batch at equal tokens", body, seeds="0 for every run; 1 and 2 as well for GoLore and RSO (the seed study)")
 
 
 def seed_table(runs: list[Run], results: dict) -> str:
