@@ -6,7 +6,8 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 DEMO := runs/demo
-# one budget for both demo runs, so GoLore and AdamW see the same tokens
+# one budget for every demo run, so they see the same tokens; learning rates follow GaLore's recipe: AdamW at 1e-3,
+# the subspace methods at 1e-2 with their update scaled by --scale 0.25 (RSO: B stepped at lr x scale)
 DEMO_ARGS := --model llama-tiny --steps 150 --batch-size 8 --seq-len 128 --warmup 15 --update-gap 50 \
              --eval-every 50 --eval-batches 20 --seed 0
 
@@ -36,9 +37,10 @@ test: install
 
 demo: data
 	rm -rf $(DEMO)
-	$(BIN)/subspace-optim train $(DEMO_ARGS) --optimizer golore --out $(DEMO)/golore
-	$(BIN)/subspace-optim train $(DEMO_ARGS) --optimizer adamw --out $(DEMO)/adamw
-	$(BIN)/subspace-optim compare $(DEMO)/golore $(DEMO)/adamw
+	$(BIN)/subspace-optim train $(DEMO_ARGS) --optimizer golore --lr 1e-2 --out $(DEMO)/golore
+	$(BIN)/subspace-optim train $(DEMO_ARGS) --optimizer rso --lr 1e-2 --fused-loss --out $(DEMO)/rso
+	$(BIN)/subspace-optim train $(DEMO_ARGS) --optimizer adamw --lr 1e-3 --out $(DEMO)/adamw
+	$(BIN)/subspace-optim compare $(DEMO)/golore $(DEMO)/rso $(DEMO)/adamw
 
 clean:
 	rm -rf runs/demo
