@@ -58,6 +58,8 @@ class TrainConfig:
                             "over full module names, or a comma-separated list of name substrings", type=str)
     moments: str | None = _f(None, "what the moments do when the subspace changes (default: the optimizer's)",
                              choices=("keep", "project", "rotate", "reset"), type=str)
+    rso_eta: float | None = _f(None, "--optimizer rso: add the proximal term ||B||^2 / (2 eta) to each subproblem "
+                               "(default: none)", type=float)
     layerwise: bool = _f(False, "update each weight inside backward (saves gradient memory; no --clip)")
     fused_loss: bool = _f(False, "compute lm_head and the cross-entropy together in chunks (torch's "
                           "linear_cross_entropy): the logits are never stored", only="lm")
@@ -142,6 +144,8 @@ def resolve(cfg: TrainConfig) -> TrainConfig:
     if cfg.optimizer == "adamw" and cfg.layerwise:
         raise UsageError("--layerwise needs one of our optimizers (e.g. --optimizer full or galore), "
                          "not the torch AdamW baseline")
+    if cfg.rso_eta is not None and (cfg.optimizer != "rso" or not 0 < cfg.rso_eta < float("inf")):
+        raise UsageError(f"--rso-eta {cfg.rso_eta}: needs --optimizer rso and a positive finite value")
     if cfg.fused_loss and cfg.task != "lm":
         raise UsageError("--fused-loss is for causal-LM training (`subspace-optim train`); a classifier has no "
                          "vocabulary-sized output layer to fuse")

@@ -103,7 +103,8 @@ def _rso(cfg: TrainConfig, model: nn.Module) -> Setup:
     dense = [p for p in model.parameters() if p.requires_grad and id(p) not in subspace]
     groups = [{"params": dense}, {"params": list(subspace.values()), "lr": cfg.lr * cfg.scale}]
     setup = _ours(cfg, model, [g for g in groups if g["params"]])
-    RSOController(model, setup.optimizer, update_gap=cfg.update_gap)  # attaches as the optimizer's step hooks
+    # attaches as the optimizer's step hooks
+    RSOController(model, setup.optimizer, update_gap=cfg.update_gap, eta=cfg.rso_eta)
     return setup
 
 
