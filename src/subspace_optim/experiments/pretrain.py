@@ -70,6 +70,14 @@ def plan(scale: str, quick: bool) -> list[Run]:
         for m in ("golore",) if quick else ("galore", "golore"):
             runs.append(Run("batch", f"{m} b={b}", dict(base, optimizer=m, batch_size=b, lr=SUBSPACE_LR,
                                                        eval_batches=max(1, val_seqs // b))))
+    # RSO against GoLore on a 3x wider model (llama-small: hidden 384, rank d/4 = 96), with the same controls
+    if not quick:
+        small = dict(base, model="llama-small", rank=96, lr=SUBSPACE_LR)
+        dense = {k: v for k, v in small.items() if k != "rank"}
+        runs += [Run("size", "llama-small adamw", dict(dense, optimizer="adamw", lr=LR["adamw"])),
+                 Run("size", "llama-small golore", dict(small, optimizer="golore")),
+                 Run("size", "llama-small golore (moments reset)", dict(small, optimizer="golore", moments="reset")),
+                 Run("size", "llama-small rso", dict(small, optimizer="rso"))]
     # RSO against GoLore at two more seeds (seed 0 is the methods study's): is the gap larger than seed noise?
     for seed in () if quick else (1, 2):
         for m in ("golore", "rso"):
@@ -116,7 +124,8 @@ def _plot(report: Report, suffix: str, title: str, runs: list[Run], dirs: dict) 
 def _row(run: Run, s: dict, baseline: dict | None) -> list:
     mib = 2**20
     rel = f"{s['final_val_ppl'] / baseline['final_val_ppl']:.3f}" if baseline else ""
-    return [run.label, run.flags.get("rank", "—" if run.flags["optimizer"] == "adamw" else 32), f"{run.flags['lr']:g}",
+    rank = run.flags.get("rank", 32)
+    return [run.label, "—" if run.flags["optimizer"] == "adamw" else rank, f"{run.flags['lr']:g}",
             f"{s['tokens']:,}", f"{s['final_val_ppl']:.2f}", rel, f"{s['memory']['optimizer_state_bytes'] / mib:.1f}",
             f"{s['memory']['gradients_bytes'] / mib:.1f}", f"{s['memory']['activations_bytes'] / mib:.1f}",
             f"{s['peak_memory_bytes'] / mib:.0f}", f"{s['tokens_per_s']:.0f}"]
@@ -142,7 +151,7 @@ def main(args) -> Path | None:
     def study(name):
         return [r for r in runs if r.study == name]
 
-    methods, ranks, batches, seeds = study("methods"), study("rank"), study("batch"), study("seeds")
+    methods, ranks, batches, seeds, sizes = (study(n) for n in ("methods", "rank", "batch", "seeds", "size"))
     base_run = next((r for r in methods if r.label == "adamw"), None)
     base = results[base_run.key] if base_run else None
     fig1 = _plot(report, "", "methods (equal tokens, seed 0)", methods, dirs)
@@ -202,6 +211,10 @@ auto: {switch.get('auto', 'not run')}.
 
 {seed_table(methods + seeds, results)}
 
+## RSO against GoLore on llama-small (hidden 384, 8 layers; rank 96 = d/4; seed 0; else as above)
+
+{table(HEADER, [_row(r, results[r.key], results[sizes[0].key]) for r in sizes]) if sizes else "(not run)"}
+
 ## The papers' numbers (GaLore Table 2, C4, validation perplexity)
 
 {table(["model", "full-rank Adam", "GaLore", "GaLore / full", "rank"], paper_rows)}
@@ -259,11 +272,12 @@ def verdict(runs: list[Run], results: dict) -> str:
                 lines.append(f"- {label}: val ppl {s['final_val_ppl']:.2f} = {s['final_val_ppl'] / ppl0:.3f} x AdamW's "
                              f"{ppl0:.2f}; optimizer state {s['optimizer_state_bytes'] / by['adamw']['optimizer_state_bytes']:.2f}"
                              f" x AdamW's; peak RSS {s['peak_memory_bytes'] / by['adamw']['peak_memory_bytes']:.2f} x.")
-    rso = by.get("rso")
-    for label in ("golore", "golore (moments reset)"):
-        if rso and label in by:
-            lines.append(f"- RSO against {label}: val ppl {rso['final_val_ppl']:.2f} vs {by[label]['final_val_ppl']:.2f} "
-                         f"(ratio {rso['final_val_ppl'] / by[label]['final_val_ppl']:.3f}).")
+    size = {r.label.removeprefix("llama-small "): results[r.key] for r in runs if r.study == "size"}
+    for model, group in (("llama-tiny", by), ("llama-small", size)):
+        for label in ("golore", "golore (moments reset)"):
+            if "rso" in group and label in group:
+                a, b = group["rso"]["final_val_ppl"], group[label]["final_val_ppl"]
+                lines.append(f"- {model}, RSO against {label}: val ppl {a:.2f} vs {b:.2f} (ratio {a / b:.3f}).")
     batch = {r.label: results[r.key] for r in runs if r.study == "batch"}
     for b in sorted({int(k.split("b=")[1]) for k in batch}):
         ga, go = batch.get(f"galore b={b}"), batch.get(f"golore b={b}")
