@@ -286,11 +286,12 @@ def _loss(model, batch):
     return (model(x).tanh() - y).square().mean()
 
 
+@pytest.mark.parametrize("moments", ["reset", "project"])
 @pytest.mark.parametrize("rule", ["sgd", "adamw"])
-def test_compressed_gradient_layer_takes_golore_steps(rule):
+def test_compressed_gradient_layer_takes_golore_steps(rule, moments):
     """GoLore's "ReLoRA-like" form: a rule stepping B in y = x Wᵀ + (x Pᵀ) Bᵀ with lr·α and merges every K steps
-    takes the steps of the GoLore optimizer with scale α on W (right side, basis Q = Pᵀ, moments reset at each
-    refresh): momentum SGD and AdamW alike."""
+    takes the steps of the GoLore optimizer with scale α on W (right side, basis Q = Pᵀ), momentum SGD and AdamW
+    alike, whether the moments restart at each merge/refresh or are carried into the new subspace."""
     d_in, rank, gap, scale = 16, 4, 3, 0.5
     lr = 0.5 if rule == "sgd" else 0.05
     torch.manual_seed(0)
@@ -299,14 +300,14 @@ def test_compressed_gradient_layer_takes_golore_steps(rule):
     apply_rso(rso, rank=rank, seed=7)
     layer = rso[0]
     start = ref[0].weight.detach().clone()
-    common = dict(rank=rank, projector="golore", moments="reset", update_gap=gap, scale=scale, seed=7)
+    common = dict(rank=rank, projector="golore", moments=moments, update_gap=gap, scale=scale, seed=7)
     if rule == "sgd":
         golore = SubspaceSGD(ref.parameters(), lr=lr, momentum=0.9, **common)
         inner = torch.optim.SGD([layer.B], lr=lr * scale, momentum=0.9)
     else:
         golore = SubspaceAdamW(ref.parameters(), lr=lr, weight_decay=0.0, **common)
         inner = torch.optim.AdamW([layer.B], lr=lr * scale, weight_decay=0.0)
-    ctl = RSOController(rso, inner, update_gap=gap)
+    ctl = RSOController(rso, inner, update_gap=gap, moments=moments)
     for batch in _batches(3 * gap + 1, d_in):
         P = layer.projection.P.clone()
         for model, opt in ((ref, golore), (rso, inner)):

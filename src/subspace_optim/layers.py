@@ -45,6 +45,7 @@ from torch import Tensor, nn
 
 from .groups import target_modules
 from .projectors import derive_seed, haar_stiefel
+from .rules import FIRST_MOMENTS
 
 __all__ = [
     "RSOProjection",
@@ -312,9 +313,13 @@ class RSOController:
       An added gradient, once per optimizer step, rather than a loss term: independent of gradient accumulation
       and loss scaling, and no extra autograd graph. Gradient clipping, done before ``step()``, sees only the
       data gradient.
-    - after every step it counts; every ``update_gap`` steps it merges and drops the optimizer state of every B,
-      which the optimizer recreates lazily (Adam's bias correction restarts with the subproblem). A step that
-      the optimizer skipped (``skipped_steps`` grew, as ours do on NaN/inf) is not counted.
+    - after every step it counts; every ``update_gap`` steps it merges, and then, with ``moments="reset"`` (the
+      paper), drops the optimizer state of every B, which the optimizer recreates lazily (Adam's bias correction
+      restarts with the subproblem). With ``moments="project"`` it instead carries the first moments
+      (``exp_avg``, ``momentum_buffer``) into the new subspace, M ← M (P_old P_newᵀ),
+      and keeps the second moments and the step count: GoLore's default policy, so the inner steps stay
+      exactly the GoLore optimizer's. A step that the optimizer skipped (``skipped_steps`` grew, as ours do on
+      NaN/inf) is not counted.
 
     Exact resume needs nothing beyond the usual checkpoint: the outer count is in the model's state dict
     (``rso_key`` buffers) and the inner step count in the optimizer's, as the entry ``rso_step`` of the param
@@ -323,9 +328,11 @@ class RSOController:
     from the optimizer at every step."""
 
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, update_gap: int, *,
-                 eta: float | None = None):
+                 eta: float | None = None, moments: str = "reset"):
         if isinstance(update_gap, bool) or not isinstance(update_gap, int) or update_gap < 1:
             raise ValueError(f"update_gap must be a positive int, got {update_gap!r}")
+        if moments not in ("reset", "project"):
+            raise ValueError(f"moments must be 'reset' or 'project', got {moments!r}")
         if eta is not None and not (eta > 0 and math.isfinite(eta)):
             raise ValueError(f"eta must be a positive finite float or None, got {eta!r}")
         if eta is not None and getattr(optimizer, "layerwise", False):
@@ -338,7 +345,7 @@ class RSOController:
         missing = [n for n, layer in rso_layers(model).items() if id(layer.B) not in in_optimizer]
         if missing:
             raise ValueError(f"the optimizer does not train B of {missing[:3]}{'...' if len(missing) > 3 else ''}")
-        self.model, self.optimizer, self.update_gap, self.eta = model, optimizer, update_gap, eta
+        self.model, self.optimizer, self.update_gap, self.eta, self.moments = model, optimizer, update_gap, eta, moments
         self._group().setdefault("rso_step", 0)
         self._skipped_before = None
         self._handles = [optimizer.register_step_pre_hook(self._before_step),
@@ -368,6 +375,7 @@ class RSOController:
             if layer.B.grad is not None:
                 layer.B.grad.add_(layer.B, alpha=1.0 / self.eta)
 
+    @torch.no_grad()
     def _after_step(self, optimizer, args, kwargs) -> None:
         if self._skipped_before is not None and getattr(optimizer, "skipped_steps", None) != self._skipped_before:
             return  # the optimizer skipped this step (non-finite gradient)
@@ -375,9 +383,16 @@ class RSOController:
         group["rso_step"] = group.get("rso_step", 0) + 1
         if group["rso_step"] % self.update_gap:
             return
+        old = {id(proj): proj.P.clone() for proj in _projections(self.layers)} if self.moments == "project" else {}
         merge_rso(self.model)
         for layer in self.layers:
-            optimizer.state.pop(layer.B, None)
+            if self.moments == "reset":
+                optimizer.state.pop(layer.B, None)
+                continue
+            state = optimizer.state.get(layer.B, {})
+            transfer = old[id(layer.projection)] @ layer.projection.P.T  # P_old P_newᵀ (r × r)
+            for key in FIRST_MOMENTS & state.keys():
+                state[key].copy_(state[key] @ transfer.to(state[key].dtype))
 
     def remove(self) -> None:
         """Detach from the optimizer."""

@@ -60,7 +60,9 @@ def plan(scale: str, quick: bool) -> list[Run]:
         runs += [Run("methods", f"adamw (lr {SUBSPACE_LR:g})", dict(base, optimizer="adamw", lr=SUBSPACE_LR)),
                  Run("methods", f"rso (lr {LR['adamw']:g})", dict(base, optimizer="rso", lr=LR["adamw"])),
                  Run("methods", "golore (moments reset)", dict(base, optimizer="golore", moments="reset",
-                                                              lr=SUBSPACE_LR))]
+                                                              lr=SUBSPACE_LR)),
+                 Run("methods", "rso (moments project)", dict(base, optimizer="rso", moments="project",
+                                                             lr=SUBSPACE_LR))]
     for rank in () if quick else (16, 64):  # d/8 and d/2; d/4 = 32 is the methods study's run
         runs.append(Run("rank", f"galore r={rank}", dict(base, optimizer="galore", rank=rank, lr=SUBSPACE_LR)))
     # Batches 1 and 8 at the same steps: 4x less and 2x more gradient averaging than the methods' 4.
@@ -77,7 +79,8 @@ def plan(scale: str, quick: bool) -> list[Run]:
         runs += [Run("size", "llama-small adamw", dict(dense, optimizer="adamw", lr=LR["adamw"])),
                  Run("size", "llama-small golore", dict(small, optimizer="golore")),
                  Run("size", "llama-small golore (moments reset)", dict(small, optimizer="golore", moments="reset")),
-                 Run("size", "llama-small rso", dict(small, optimizer="rso"))]
+                 Run("size", "llama-small rso", dict(small, optimizer="rso")),
+                 Run("size", "llama-small rso (moments project)", dict(small, optimizer="rso", moments="project"))]
     # RSO against GoLore at two more seeds (seed 0 is the methods study's): is the gap larger than seed noise?
     for seed in () if quick else (1, 2):
         for m in ("golore", "rso"):
@@ -183,7 +186,7 @@ moments reset at every merge; embeddings, norms and lm_head are trained densely 
 and `rso (lr 0.001)` swap the two learning rates, since in a short run the lr of the dense embeddings (most of
 llama-tiny's parameters) moves the perplexity a lot; `golore (moments reset)` is the GoLore run that RSO's steps
 equal, up to which layers share a random subspace (RSO: one P per shared input, q/k/v and gate/up; GoLore: one
-basis per weight). Validation: the same
+basis per weight), and `rso (moments project)` carries B's first moments across merges, as default GoLore does. Validation: the same
 {first['eval_batches'] * first['batch_size']} held-out sequences for every run. Memory columns are the harness's
 measured report (optimizer state: `opt.state_bytes()` for ours, the state's tensors for torch's AdamW and
 galore-torch — which leaves out galore-torch's projection matrices, held in a Python object; peak RSS: the
@@ -273,11 +276,12 @@ def verdict(runs: list[Run], results: dict) -> str:
                              f"{ppl0:.2f}; optimizer state {s['optimizer_state_bytes'] / by['adamw']['optimizer_state_bytes']:.2f}"
                              f" x AdamW's; peak RSS {s['peak_memory_bytes'] / by['adamw']['peak_memory_bytes']:.2f} x.")
     size = {r.label.removeprefix("llama-small "): results[r.key] for r in runs if r.study == "size"}
+    pairs = (("rso", "golore"), ("rso", "golore (moments reset)"), ("rso (moments project)", "golore"))
     for model, group in (("llama-tiny", by), ("llama-small", size)):
-        for label in ("golore", "golore (moments reset)"):
-            if "rso" in group and label in group:
-                a, b = group["rso"]["final_val_ppl"], group[label]["final_val_ppl"]
-                lines.append(f"- {model}, RSO against {label}: val ppl {a:.2f} vs {b:.2f} (ratio {a / b:.3f}).")
+        for mine, theirs in pairs:
+            if mine in group and theirs in group:
+                a, b = group[mine]["final_val_ppl"], group[theirs]["final_val_ppl"]
+                lines.append(f"- {model}, {mine} against {theirs}: val ppl {a:.2f} vs {b:.2f} (ratio {a / b:.3f}).")
     batch = {r.label: results[r.key] for r in runs if r.study == "batch"}
     for b in sorted({int(k.split("b=")[1]) for k in batch}):
         ga, go = batch.get(f"galore b={b}"), batch.get(f"golore b={b}")

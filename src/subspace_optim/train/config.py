@@ -56,7 +56,8 @@ class TrainConfig:
     scale: float = _f(0.25, "scale of the projected update (GaLore's alpha)")
     target: str | None = _f(None, "modules to project: all-linear (every linear layer but lm_head), a regex "
                             "over full module names, or a comma-separated list of name substrings", type=str)
-    moments: str | None = _f(None, "what the moments do when the subspace changes (default: the optimizer's)",
+    moments: str | None = _f(None, "what the moments do when the subspace changes (default: the optimizer's; "
+                             "rso: reset, or project)",
                              choices=("keep", "project", "rotate", "reset"), type=str)
     rso_eta: float | None = _f(None, "--optimizer rso: add the proximal term ||B||^2 / (2 eta) to each subproblem "
                                "(default: none)", type=float)
@@ -146,6 +147,9 @@ def resolve(cfg: TrainConfig) -> TrainConfig:
                          "not the torch AdamW baseline")
     if cfg.rso_eta is not None and (cfg.optimizer != "rso" or not 0 < cfg.rso_eta < float("inf")):
         raise UsageError(f"--rso-eta {cfg.rso_eta}: needs --optimizer rso and a positive finite value")
+    if cfg.optimizer == "rso" and cfg.moments not in (None, "reset", "project"):
+        raise UsageError(f"--moments {cfg.moments}: RSO either restarts B's optimizer state at each merge (reset, the "
+                         "default) or carries the first moments into the new subspace (project)")
     if cfg.fused_loss and cfg.task != "lm":
         raise UsageError("--fused-loss is for causal-LM training (`subspace-optim train`); a classifier has no "
                          "vocabulary-sized output layer to fuse")

@@ -90,7 +90,8 @@ def _rso(cfg: TrainConfig, model: nn.Module) -> Setup:
     """RSO (Chen et al. 2025): targeted linear layers become W (frozen) + B P with a random orthonormal P; the
     --rule trains B and the untargeted parameters at full rank; every --update-gap steps W <- W + B P and P is
     redrawn. B's lr is --lr x --scale: with P = Qᵀ an inner step on B is then exactly the GoLore optimizer's
-    step with the same --lr and --scale (moments reset at each merge), so the two share one recipe."""
+    step with the same --lr and --scale, so the two share one recipe. --moments reset (default, the paper: the
+    subproblem restarts) or project (first moments carried into the new subspace, as GoLore's default)."""
     from subspace_optim.layers import RSOController, apply_rso, rso_layers
 
     if cfg.layerwise:
@@ -104,7 +105,7 @@ def _rso(cfg: TrainConfig, model: nn.Module) -> Setup:
     groups = [{"params": dense}, {"params": list(subspace.values()), "lr": cfg.lr * cfg.scale}]
     setup = _ours(cfg, model, [g for g in groups if g["params"]])
     # attaches as the optimizer's step hooks
-    RSOController(model, setup.optimizer, update_gap=cfg.update_gap, eta=cfg.rso_eta)
+    RSOController(model, setup.optimizer, update_gap=cfg.update_gap, eta=cfg.rso_eta, moments=cfg.moments or "reset")
     return setup
 
 
