@@ -184,6 +184,29 @@ def test_optimizers_and_rules_run(tmp_path, extra):
         assert isinstance(summary["switch_steps"], dict)
 
 
+@pytest.mark.parametrize("side, reduced", [("std", 32), ("left", 48), ("right", 32)])
+def test_side_chooses_which_dimension_is_projected(side, reduced):
+    """--side reaches every projected group: the basis of a 48 x 32 (out x in) weight spans its smaller side (std),
+    its rows (left) or its columns (right); the moments are r x (the other side)."""
+    from subspace_optim.train.config import resolve
+    from subspace_optim.train.optimizers import build_optimizer
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(32, 48), torch.nn.Linear(48, 8))
+    cfg = resolve(TrainConfig(optimizer="golore", rank=4, side=side, target="0"))
+    opt = build_optimizer(cfg, model).optimizer
+    model(torch.randn(5, 32)).square().sum().backward()
+    opt.step()
+    state = opt.state[model[0].weight]
+    assert state["basis"].shape == (reduced, 4) and state["exp_avg"].shape == (4, 80 - reduced)
+
+
+def test_side_needs_a_projected_optimizer():
+    for optimizer in ("adamw", "full", "rso"):
+        with pytest.raises(UsageError, match="--side right"):
+            run(TrainConfig(optimizer=optimizer, side="right"))
+
+
 def test_fused_loss_trains_like_the_plain_loss_with_less_saved(tmp_path, bbc_slice):
     """`--fused-loss` on llama-tiny: the same first loss as HF's `.loss` (same seed and data), close losses
     after an update, and less memory held for backward: the 4 × 64 × 32000 fp32 logits are gone, the

@@ -79,6 +79,9 @@ def plan(scale: str, quick: bool) -> list[Run]:
         runs += [Run("size", "llama-small adamw", dict(dense, optimizer="adamw", lr=LR["adamw"])),
                  Run("size", "llama-small golore", dict(small, optimizer="golore")),
                  Run("size", "llama-small golore (moments reset)", dict(small, optimizer="golore", moments="reset")),
+                 # GoLore reducing every weight's input side, as RSO must (down_proj: 96 of 1024 columns instead
+                 # of 96 of 384 rows)
+                 Run("size", "llama-small golore (side right)", dict(small, optimizer="golore", side="right")),
                  Run("size", "llama-small rso", dict(small, optimizer="rso")),
                  Run("size", "llama-small rso (moments project)", dict(small, optimizer="rso", moments="project"))]
     # RSO against GoLore at two more seeds (seed 0 is the methods study's): is the gap larger than seed noise?
@@ -276,7 +279,8 @@ def verdict(runs: list[Run], results: dict) -> str:
                              f"{ppl0:.2f}; optimizer state {s['optimizer_state_bytes'] / by['adamw']['optimizer_state_bytes']:.2f}"
                              f" x AdamW's; peak RSS {s['peak_memory_bytes'] / by['adamw']['peak_memory_bytes']:.2f} x.")
     size = {r.label.removeprefix("llama-small "): results[r.key] for r in runs if r.study == "size"}
-    pairs = (("rso", "golore"), ("rso", "golore (moments reset)"), ("rso (moments project)", "golore"))
+    pairs = (("rso", "golore"), ("rso", "golore (moments reset)"), ("rso (moments project)", "golore"),
+             ("rso (moments project)", "golore (side right)"))
     for model, group in (("llama-tiny", by), ("llama-small", size)):
         for mine, theirs in pairs:
             if mine in group and theirs in group:

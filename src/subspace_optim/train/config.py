@@ -61,6 +61,8 @@ class TrainConfig:
                              choices=("keep", "project", "rotate", "reset"), type=str)
     rso_eta: float | None = _f(None, "--optimizer rso: add the proximal term ||B||^2 / (2 eta) to each subproblem "
                                "(default: none)", type=float)
+    side: str = _f("std", "which side of a projected weight is reduced: std (the smaller one, GaLore's rule), left "
+                   "(rows, the output side) or right (columns, the input side: RSO's)", choices=("std", "left", "right"))
     layerwise: bool = _f(False, "update each weight inside backward (saves gradient memory; no --clip)")
     fused_loss: bool = _f(False, "compute lm_head and the cross-entropy together in chunks (torch's "
                           "linear_cross_entropy): the logits are never stored", only="lm")
@@ -145,6 +147,9 @@ def resolve(cfg: TrainConfig) -> TrainConfig:
     if cfg.optimizer == "adamw" and cfg.layerwise:
         raise UsageError("--layerwise needs one of our optimizers (e.g. --optimizer full or galore), "
                          "not the torch AdamW baseline")
+    if cfg.side != "std" and cfg.optimizer in ("adamw", "full", "rso"):
+        raise UsageError(f"--side {cfg.side}: only the projected optimizers reduce a side (rso always reduces the "
+                         "input side)")
     if cfg.rso_eta is not None and (cfg.optimizer != "rso" or not 0 < cfg.rso_eta < float("inf")):
         raise UsageError(f"--rso-eta {cfg.rso_eta}: needs --optimizer rso and a positive finite value")
     if cfg.optimizer == "rso" and cfg.moments not in (None, "reset", "project"):

@@ -45,6 +45,7 @@ def projected_groups(cfg: TrainConfig, model: nn.Module) -> list[dict]:
         groups = subspace_param_groups(model, rank=rank, target=target_spec(cfg.target))
     except ValueError as err:
         raise UsageError(f"--target {cfg.target}: {err}") from None
+    groups = [dict(group, side=cfg.side) if "rank" in group else group for group in groups]
     names = {id(p): n for n, p in model.named_parameters()}
     for group in groups:
         for p in group["params"] if "rank" in group else ():
@@ -118,7 +119,7 @@ def _galore_torch(cfg: TrainConfig, model: nn.Module) -> Setup:
         raise UsageError(f"--optimizer galore-torch needs: pip install galore-torch bitsandbytes ({err})") from None
     if cfg.rule != "adamw" or cfg.layerwise:
         raise UsageError("--optimizer galore-torch is AdamW only, without --layerwise")
-    groups = [dict(g, update_proj_gap=cfg.update_gap, scale=cfg.scale, proj_type="std") if "rank" in g else g
+    groups = [dict(g, update_proj_gap=cfg.update_gap, scale=cfg.scale, proj_type=cfg.side) if "rank" in g else g
               for g in projected_groups(cfg, model)]
     return Setup(model, GaLoreAdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay))
 
