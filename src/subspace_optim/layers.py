@@ -18,9 +18,8 @@ P = Qᵀ with Q the GoLore optimizer's basis for the same key. Then the layer *i
 ("ReLoRA-like") form (He et al. 2024, "Subspace Optimization for Large Language Models with Convergence
 Guarantees"): ∂L/∂B = G Q is GoLore's projected gradient R, and an inner step ΔB moves the weight by ΔB Qᵀ, so
 any inner rule stepping B with lr·α takes GoLore's steps with scale α (moments reset at each merge; weight
-decay, if any, decays B rather than W); the
-compressed gradient is formed directly, with no out×in gradient. Orthonormal rows also make ‖B P‖ = ‖B‖, so
-the proximal term 1/(2η)‖B‖² of the subproblem penalises exactly the weight change. The paper's Gaussian
+decay, if any, decays B rather than W); the compressed gradient is formed directly, with no out×in gradient.
+Orthonormal rows also make ‖B P‖ = ‖B‖, so the proximal term 1/(2η)‖B‖² of the subproblem penalises exactly the weight change. The paper's Gaussian
 P ~ N(0, 1/r) has E[Pᵀ P] = I instead of (r/in)·I; the factor √(in/r) between the two only rescales B, which
 is a change of step size (and of η), and a Gaussian P also weighs the directions of its own subspace
 unequally (at r/in = 1/4 the eigenvalues of P Pᵀ spread over a 9× range).
@@ -383,14 +382,17 @@ class RSOController:
         group["rso_step"] = group.get("rso_step", 0) + 1
         if group["rso_step"] % self.update_gap:
             return
-        old = {id(proj): proj.P.clone() for proj in _projections(self.layers)} if self.moments == "project" else {}
+        projections = _projections(self.layers)
+        old = [proj.P.clone() for proj in projections] if self.moments == "project" else []
         merge_rso(self.model)
+        # P_old P_newᵀ (r × r), once per projection (shared by q/k/v and by gate/up)
+        transfers = {id(proj): P @ proj.P.T for proj, P in zip(projections, old)}
         for layer in self.layers:
             if self.moments == "reset":
                 optimizer.state.pop(layer.B, None)
                 continue
             state = optimizer.state.get(layer.B, {})
-            transfer = old[id(layer.projection)] @ layer.projection.P.T  # P_old P_newᵀ (r × r)
+            transfer = transfers[id(layer.projection)]
             for key in FIRST_MOMENTS & state.keys():
                 state[key].copy_(state[key] @ transfer.to(state[key].dtype))
 
