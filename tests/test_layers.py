@@ -268,6 +268,9 @@ def test_bad_inputs_raise_clear_errors():
     for eta in (0.0, -1.0, float("inf")):
         with pytest.raises(ValueError, match="eta"):
             RSOController(model, opt, update_gap=2, eta=eta)
+    for moments in ("keep", "rotate", None):
+        with pytest.raises(ValueError, match="moments must be 'reset' or 'project'"):
+            RSOController(model, opt, update_gap=2, moments=moments)
     with pytest.raises(ValueError, match="does not train B"):
         RSOController(model, torch.optim.SGD(model.lm_head.parameters(), lr=0.1), update_gap=2)
     model.model.layers[0].self_attn.q_proj.weight.requires_grad_(True)

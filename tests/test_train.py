@@ -244,6 +244,13 @@ def test_checkpointing_changes_memory_not_the_run(tmp_path, bbc_slice):
     assert 0 < saved[True] < 0.5 * saved[False]
 
 
+def test_checkpointing_needs_a_model_that_supports_it():
+    from subspace_optim.train.models import enable_checkpointing
+
+    with pytest.raises(UsageError, match="--checkpointing: Sequential does not support activation checkpointing"):
+        enable_checkpointing(torch.nn.Sequential(torch.nn.Linear(2, 2)))
+
+
 def test_fused_loss_usage_errors(tmp_path, bbc_slice, capsys):
     with pytest.raises(UsageError, match="--fused-loss is for causal-LM training"):
         run(TrainConfig(task="classify", fused_loss=True))
