@@ -14,15 +14,19 @@ Parameters of groups without ``rank`` (and 1-D ones) take the same rule at full 
 
 from __future__ import annotations
 
+import math
 import warnings
 from dataclasses import dataclass
+from functools import partial
 
 import torch
+import torch.distributed as dist
 from torch import Tensor
 from torch.optim import Optimizer
 
+from .distributed import LOCAL, Layout, OwnedRefresh, is_dtensor, layout_of, local, run_owned
 from .memory import state_tensors, tensor_bytes
-from .projectors import PROJECTORS, derive_seed, get_projector, haar_stiefel
+from .projectors import PROJECTORS, derive_seed, get_projector, haar_stiefel, reset_steps
 from .rules import FIRST_MOMENTS, RULES, SECOND_MOMENTS, get_rule
 
 __all__ = ["SubspaceOptimizer", "SubspaceAdamW", "SubspaceSGD", "SubspaceAdafactor", "SubspaceLion"]
@@ -72,10 +76,33 @@ class _Work:
     param: Tensor
     group: dict
     state: dict
-    grad: Tensor  # what the rule sees: the full gradient (dense) or R (projected)
+    grad: Tensor | None  # what the rule sees: the full gradient (dense) or R (projected, this rank's part)
     projected: bool = False
-    full: Tensor | None = None  # oriented full gradient (d x D), for projectors that learn from it
-    refresh: tuple[Tensor, bool] | None = None  # (new basis, is random) to commit
+    full: Tensor | None = None  # oriented gradient (d x D, this rank's part, its own dtype): for refreshes/tracking
+    refresh: tuple[Tensor, object] | None = None  # (new basis, is random: a bool or a 0-d bool tensor) to commit
+    layout: Layout = LOCAL
+    owned: OwnedRefresh | None = None  # a data-dependent refresh waiting for its owner rank
+    key: int = 0
+
+
+def _read(flags: Tensor) -> list:
+    """The step's one host synchronisation: every data-dependent decision of a step, read at once."""
+    return flags.tolist()
+
+
+def _is_zero(lr) -> bool:
+    return bool(lr == 0) if isinstance(lr, Tensor) else lr == 0
+
+
+def _data_basis(projector, state: dict, group: dict, key: int, grad: Tensor) -> Tensor:
+    """A data-dependent basis of the whole oriented gradient; NaN/inf entries are zeroed first so that an SVD
+    never sees them (such a step is skipped anyway: R inherits the NaN/inf and the step's check catches it)."""
+    grad = torch.where(torch.isfinite(grad), grad, torch.zeros((), dtype=grad.dtype, device=grad.device))
+    return projector.refresh(grad, state, group, key)[0]
+
+
+#: rows x columns of the float32 block in a narrow-dtype write-back (16 MiB)
+_WRITE_BACK_BLOCK = 1 << 22
 
 
 class SubspaceOptimizer(Optimizer):
@@ -106,6 +133,7 @@ class SubspaceOptimizer(Optimizer):
         rank: int | None = None,
         layerwise: bool = False,
         nonfinite: str = "skip",
+        process_group=None,
         **settings,
     ):
         rule = get_rule(self.rule_name)
@@ -122,8 +150,10 @@ class SubspaceOptimizer(Optimizer):
         self.nonfinite = nonfinite
         self.skipped_steps = 0
         self._skipped_in_step = False
+        self.process_group = process_group
         self._index: dict[Tensor, int] = {}
         self._group_of: dict[Tensor, dict] = {}
+        self._layouts: dict[Tensor, Layout] = {}
         defaults = {"lr": lr, "weight_decay": weight_decay, **SETTINGS, **rule.defaults, **settings}
         super().__init__(params, defaults)
         self.register_state_dict_post_hook(_drop_regenerable_bases)
@@ -183,13 +213,19 @@ class SubspaceOptimizer(Optimizer):
     @staticmethod
     def _projects(p: Tensor, group: dict) -> bool:
         rank = group.get("rank")
-        return rank is not None and p.dim() >= 2 and rank < min(p.shape[0], p[0].numel())
+        return rank is not None and p.dim() >= 2 and rank < min(p.shape[0], math.prod(p.shape[1:]))
 
     @staticmethod
     def _left(p: Tensor, group: dict) -> bool:
         """GaLore's "std" rule: reduce the smaller dimension (left if m < n)."""
         side = group["side"]
-        return side == "left" or (side == "std" and p.shape[0] < p[0].numel())
+        return side == "left" or (side == "std" and p.shape[0] < math.prod(p.shape[1:]))
+
+    @staticmethod
+    def _dims(p: Tensor, group: dict) -> tuple[int, int]:
+        """(d, D) of the oriented matrix: the reduced side first (global sizes, also for a shard)."""
+        m, n = p.shape[0], math.prod(p.shape[1:])
+        return (m, n) if SubspaceOptimizer._left(p, group) else (n, m)
 
     def _check_dense(self, p: Tensor, grad: Tensor) -> None:
         if grad.is_sparse:
@@ -198,11 +234,17 @@ class SubspaceOptimizer(Optimizer):
                 f"shape {tuple(p.shape)}); use a dense embedding (sparse=False)"
             )
 
+    def _layout(self, p: Tensor, group: dict) -> Layout:
+        layout = self._layouts.get(p)
+        if layout is None:
+            layout = self._layouts[p] = layout_of(p, self._left(p, group), self.process_group)
+        return layout
+
     def _oriented(self, p: Tensor, grad: Tensor, group: dict) -> Tensor:
-        """The gradient as a matrix d x D (at least float32) whose rows span the side being reduced."""
+        """This rank's part of the gradient as a d x D matrix (a view, in the gradient's own dtype)."""
         self._check_dense(p, grad)
-        g = grad.reshape(p.shape[0], -1)
-        g = g.to(torch.promote_types(g.dtype, torch.float32))
+        g = local(grad)
+        g = g.reshape(g.shape[0], -1)
         return g if self._left(p, group) else g.T
 
     # ------------------------------------------------------------------------------------ the basis
@@ -211,8 +253,9 @@ class SubspaceOptimizer(Optimizer):
         if "basis" not in state:
             if not state.get("random_basis"):
                 raise RuntimeError(f"optimizer state of parameter #{self._index[p]} has no basis")
-            d = p.shape[0] if self._left(p, group) else p[0].numel()
-            state["basis"] = haar_stiefel(d, group["rank"], self._key(p, group, state["refreshes"] - 1), p.device)
+            d = self._dims(p, group)[0]
+            state["basis"] = haar_stiefel(d, group["rank"], self._key(p, group, state["refreshes"] - 1),
+                                          local(p).device)
         return state["basis"]
 
     def _key(self, p: Tensor, group: dict, refresh: int) -> int:
@@ -236,50 +279,84 @@ class SubspaceOptimizer(Optimizer):
             else:
                 transfer = new.T @ self._basis(p, state, group).to(new.dtype)  # T = P_newᵀ P_old, r x r
                 for k in rule_keys:
+                    moment = local(state[k])  # a sharded moment transforms shard by shard (T acts on rows)
                     if k in FIRST_MOMENTS:
-                        state[k] = transfer.to(state[k].dtype) @ state[k]
+                        moment.copy_(transfer.to(moment.dtype) @ moment)
                     elif k in SECOND_MOMENTS and policy == "rotate":
-                        state[k] = transfer.square().to(state[k].dtype) @ state[k]
-        state["basis"] = new
+                        moment.copy_(transfer.square().to(moment.dtype) @ moment)
+        state["basis"] = new.contiguous()  # as a checkpoint loads it, so that a resumed run rounds alike
         state["random_basis"] = random
 
     # ------------------------------------------------------------------------------------- stepping
     def _prepare(self, p: Tensor, group: dict, grad: Tensor) -> _Work:
-        """Compute what the rule will see, changing nothing yet (the basis of a refresh is held back)."""
+        """What the step needs of one parameter, changing nothing yet: a random refresh's basis is drawn, a
+        data-dependent one is queued for its owner rank (see :meth:`_resolve`), the basis of a refresh is held
+        back until the step is known to be taken."""
         state = self.state[p]
         if not self._projects(p, group):
             self._check_dense(p, grad)
             return _Work(p, group, state, grad)
         self._init_proj(state)
-        full = self._oriented(p, grad, group)
+        layout = self._layout(p, group)
+        work = _Work(p, group, state, None, True, self._oriented(p, grad, group), layout=layout)
         projector = get_projector(group["projector"])
-        refresh = None
         if projector.refresh_due(state, group):
-            random = projector.is_random(state, group)
-            if not random and not bool(torch.isfinite(full).all()):
-                # Never hand a NaN/inf to an SVD: it would poison the basis for a whole period. The work item
-                # carries the bad gradient itself, so that _update sees it and skips (or raises).
-                return _Work(p, group, state, full, True)
-            refresh = projector.refresh(full, state, group, self._key(p, group, state["refreshes"]))
-            basis = refresh[0]
-        else:
-            basis = self._basis(p, state, group)
-        lowrank = basis.T.to(full.dtype) @ full
-        return _Work(p, group, state, lowrank, True, full, refresh)
+            work.key = self._key(p, group, state["refreshes"])
+            d, _ = self._dims(p, group)
+            if projector.is_random(state, group):
+                work.refresh = (haar_stiefel(d, group["rank"], work.key, work.full.device), True)
+            else:
+                rows = local(grad).reshape(local(p).shape[0], -1)
+                orient = (lambda w: w) if self._left(p, group) else (lambda w: w.T)
+                compute = partial(_data_basis, projector, state, group, work.key)
+                work.owned = OwnedRefresh(layout, layout.owner(self._index[p]), rows, orient, compute,
+                                          (d, group["rank"]))
+        return work
 
-    def _update(self, works: list[_Work]) -> bool:
-        """Take the step for ``works`` if every gradient is finite; return whether it was taken."""
+    def _resolve(self, works: list[_Work]) -> None:
+        """Finish the data-dependent refreshes (one owner rank per SVD) and project every gradient, R = Pᵀ G."""
+        owned = [w for w in works if w.owned is not None]
+        run_owned([w.owned for w in owned])
+        for w in owned:
+            projector = get_projector(w.group["projector"])
+            w.refresh = projector.settle(w.owned.basis, w.state, w.group, w.key, w.layout)
+            w.owned = None
+        for w in works:
+            if not w.projected or w.grad is not None:
+                continue
+            basis = w.refresh[0] if w.refresh is not None else self._basis(w.param, w.state, w.group)
+            w.grad = w.layout.project(basis, w.full)
+            if not get_projector(w.group["projector"]).tracks_gradient:
+                w.full = None  # no full-size copy outlives its projection
+
+    def _decide(self, works: list[_Work]) -> bool:
+        """Whether every gradient is finite (all ranks agree), with the step's single host synchronisation; the
+        random/SVD choices of ``auto`` refreshes are read in the same transfer."""
         if not works:
             return True
         # One fused pass: a NaN/inf anywhere makes that gradient's norm non-finite (R = Pᵀ G inherits G's NaN/inf,
         # so projected gradients are checked in the small space). As in clip_grad_norm_, a norm that overflows
         # float32 also counts as non-finite.
-        norms = torch._foreach_norm([w.grad for w in works])
-        flags = torch.stack([n.float().to(norms[0].device) for n in norms])
-        if not bool(torch.isfinite(flags).all()):
+        norms = torch._foreach_norm([local(w.grad) for w in works])
+        bad = torch.stack([(~torch.isfinite(n)).to(torch.float32) for n in norms])
+        found = bad.max().reshape(1)
+        if any(w.layout.sharded or is_dtensor(w.param) for w in works):  # shards differ: all ranks must agree
+            dist.all_reduce(found, op=dist.ReduceOp.MAX)
+        pending = [w for w in works if w.refresh is not None and isinstance(w.refresh[1], Tensor)]
+        flags = _read(torch.cat([found, *[w.refresh[1].reshape(1).to(found) for w in pending]]))
+        for w, random in zip(pending, flags[1:]):
+            w.refresh = (w.refresh[0], bool(random))
+        if flags[0]:
             if self.nonfinite == "raise":
-                bad = [self._index[w.param] for w, f in zip(works, flags) if not torch.isfinite(f)]
-                raise FloatingPointError(f"non-finite gradient in parameter(s) #{bad}")
+                which = [self._index[w.param] for w, b in zip(works, bad.tolist()) if b]
+                raise FloatingPointError(f"non-finite gradient in parameter(s) #{which or '(on another rank)'}")
+            return False
+        return True
+
+    def _update(self, works: list[_Work]) -> bool:
+        """Take the step for ``works`` if every gradient is finite; return whether it was taken."""
+        self._resolve(works)
+        if not self._decide(works):
             return False
         by_group: dict[int, list[_Work]] = {}
         for w in works:
@@ -301,12 +378,15 @@ class SubspaceOptimizer(Optimizer):
         if not projected:
             return
         lr, weight_decay = group["lr"], group["weight_decay"]
-        directions = rule.direction([w.grad for w in projected], [w.state for w in projected], group)
+        # The rule sees R as the DTensor its state should be (sharded like W, or replicated), so that
+        # torch.distributed.checkpoint can save and reshard the state; the projection works on the local parts.
+        directions = rule.direction([w.layout.wrap(w.grad) for w in projected], [w.state for w in projected], group)
         for w, direction in zip(projected, directions):
             if weight_decay:
-                w.param.mul_(1.0 - lr * weight_decay)
-            self._apply_back(w.param, group, w.state["basis"], direction, lr * group["scale"])
-            new = projector.track(w.full, w.grad, w.state, group)
+                local(w.param).mul_(1.0 - lr * weight_decay)
+            basis = w.layout.basis_rows(w.state["basis"])
+            self._apply_back(w.param, group, basis, local(direction), lr * group["scale"])
+            new = projector.track(w.full, w.grad, w.state, group, w.layout)
             if new is not None:
                 # A learned basis moves a little every step; like the paper, keep the moments as they are
                 # (T = P_newᵀ P_old is not orthogonal for a non-orthonormal P, and applying it every step compounds).
@@ -314,8 +394,12 @@ class SubspaceOptimizer(Optimizer):
             w.state["proj_step"] += 1
 
     def _apply_back(self, p: Tensor, group: dict, basis: Tensor, update: Tensor, alpha: float) -> None:
-        """W <- W - alpha * P U (left) or W <- W - alpha * (P U)ᵀ (right), without an m x n temporary in fp32."""
-        weight = p.view(p.shape[0], -1)
+        """W <- W - alpha * P U (left) or W <- W - alpha * (P U)ᵀ (right) on this rank's rows of W.
+
+        A weight in a narrower dtype (bf16) gets the product in float32 a block of rows at a time, so the
+        write-back never holds an m x n float32 temporary, and rounds once, as torch.optim does.
+        """
+        weight = local(p).view(local(p).shape[0], -1)
         left = self._left(p, group)
         basis = basis.to(update.dtype)
         if weight.dtype == basis.dtype:
@@ -323,9 +407,39 @@ class SubspaceOptimizer(Optimizer):
                 weight.addmm_(basis, update, alpha=-alpha)
             else:
                 weight.addmm_(update.T, basis.T, alpha=-alpha)
-        else:
-            delta = basis @ update
-            weight.add_(delta if left else delta.T, alpha=-alpha)
+            return
+        rows = max(1, _WRITE_BACK_BLOCK // max(1, weight.shape[1]))
+        for start in range(0, weight.shape[0], rows):
+            block = slice(start, start + rows)
+            delta = basis[block] @ update if left else update[:, block].T @ basis.T
+            weight[block].add_(delta, alpha=-alpha)
+
+    def _init_state(self, p: Tensor, group: dict) -> None:
+        """Create ``p``'s state as it is before any step, without stepping (no SVD of zeros, no moment update).
+
+        torch.distributed.checkpoint builds its load template by one ``step()`` at lr 0 on zero gradients; the
+        state it finds must hold every key and shape the saved one has, and a real first step after it must be
+        exactly the first step of a fresh optimizer.
+        """
+        state = self.state[p]
+        rule = get_rule(self.rule_name)
+        if not self._projects(p, group):
+            rule.direction([torch.zeros_like(p)], [state], group)
+            reset_steps(state)
+            return
+        self._init_proj(state)
+        layout = self._layout(p, group)
+        d, big = self._dims(p, group)
+        projector = get_projector(group["projector"])
+        device = local(p).device
+        if not projector.random:  # a placeholder, replaced at the first refresh (no moments to carry yet)
+            state["basis"] = torch.zeros(d, group["rank"], device=device)
+        state["random_basis"] = projector.random
+        size = layout.size if layout.split == "cols" else big
+        lowrank = torch.zeros(group["rank"], size, device=device)
+        rule.direction([layout.wrap(lowrank)], [state], group)
+        reset_steps(state)
+        projector.init_state(state, group, lowrank, layout)
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -339,15 +453,29 @@ class SubspaceOptimizer(Optimizer):
                 self.skipped_steps += 1
                 self._skipped_in_step = False
             return loss
-        works = [
-            self._prepare(p, group, p.grad)
-            for group in self.param_groups
-            for p in group["params"]
-            if p.grad is not None
-        ]
+        live = [(p, group) for group in self.param_groups for p in group["params"] if p.grad is not None]
+        if self._is_checkpoint_template_step(live):
+            for p, group in live:
+                self._init_state(p, group)
+            return loss
+        works = [self._prepare(p, group, p.grad) for p, group in live]
         if not self._update(works):
             self.skipped_steps += 1
         return loss
+
+    def _is_checkpoint_template_step(self, live: list) -> bool:
+        """torch.distributed.checkpoint's state initialisation: no state yet, lr 0 everywhere, all gradients zero.
+
+        Only a fresh optimizer at lr 0 pays for the check (one host read); a real first step at lr 0 (a warm-up
+        from 0) has nonzero gradients and is taken as torch.optim takes it.
+        """
+        if not live or self.state or not all(_is_zero(group["lr"]) for group in self.param_groups):
+            return False
+        norms = torch._foreach_norm([local(p.grad) for p, _ in live])
+        largest = torch.stack([n.float() for n in norms]).max().reshape(1)
+        if any(is_dtensor(p) for p, _ in live):
+            dist.all_reduce(largest, op=dist.ReduceOp.MAX)
+        return _read(largest)[0] == 0
 
     @torch.no_grad()
     def _layerwise_hook(self, p: Tensor) -> None:
@@ -363,18 +491,19 @@ class SubspaceOptimizer(Optimizer):
                 return  # autograd keeps summing into p.grad
             works = [self._prepare(p, group, p.grad)]
         else:
-            full = self._oriented(p, p.grad, group)
+            layout = self._layout(p, group)
             if state["micro"] == 1 and projector.refresh_due(state, group):
                 # A data-independent refresh needs no gradient: install it now and accumulate in its basis.
                 key = self._key(p, group, state["refreshes"])
-                self._install(p, state, group, *projector.refresh(full, state, group, key))
-            lowrank = self._basis(p, state, group).T.to(full.dtype) @ full
+                basis = haar_stiefel(self._dims(p, group)[0], group["rank"], key, local(p).device)
+                self._install(p, state, group, basis, True)
+            lowrank = layout.project(self._basis(p, state, group), self._oriented(p, p.grad, group))
             p.grad = None
             state["acc"] = lowrank if "acc" not in state else state["acc"].add_(lowrank)
             if not last:
                 return
             acc = state.pop("acc")
-            works = [_Work(p, group, state, acc, True)]
+            works = [_Work(p, group, state, acc, True, layout=layout)]
         if not self._update(works):
             self._skipped_in_step = True
         state.pop("acc", None)
@@ -402,7 +531,9 @@ class SubspaceOptimizer(Optimizer):
         """Load as torch.optim does, but keep each state tensor's saved dtype (projector state stays float32
         for bf16 parameters) and check that the saved subspace state fits these parameters."""
         super().load_state_dict(state_dict)
-        params = [p for g in self.param_groups for p in g["params"]]
+        # saved parameter ids (ints, or FQNs from torch.distributed.checkpoint) map to ours in order, as in torch
+        params = dict(zip((i for g in state_dict["param_groups"] for i in g["params"]),
+                          (p for g in self.param_groups for p in g["params"])))
         self._group_of = {p: g for g in self.param_groups for p in g["params"]}
         for group in self.param_groups:
             self._validate(group)
@@ -416,8 +547,7 @@ class SubspaceOptimizer(Optimizer):
             if "basis" in state or "proj_step" in state:
                 raise ValueError(f"saved state of parameter #{self._index[p]} is projected but its group is dense")
             return
-        left = self._left(p, group)
-        d, big = (p.shape[0], p[0].numel()) if left else (p[0].numel(), p.shape[0])
+        d, big = self._dims(p, group)
         if "basis" in state and tuple(state["basis"].shape) != (d, group["rank"]):
             raise ValueError(
                 f"saved basis of parameter #{self._index[p]} has shape {tuple(state['basis'].shape)}, expected "
@@ -437,10 +567,14 @@ def _restore_dtypes(live: dict, saved: dict, device) -> None:
 
 
 def _drop_regenerable_bases(optimizer: Optimizer, state_dict: dict) -> dict:
-    """Random bases are regenerated from (seed, parameter index, refresh count): do not save them."""
+    """The bases of an always-random projector (GoLore) are regenerated from (seed, parameter index, refresh
+    count): do not save them. Other projectors save their current basis, random or not, so that the keys of a
+    saved state do not depend on when a switch happened."""
     packed = state_dict["state"]
+    always_random = {i for g in state_dict["param_groups"] if PROJECTORS.get(g.get("projector")) is not None
+                     and PROJECTORS[g["projector"]].random for i in g["params"]}
     for k, s in list(packed.items()):
-        if s.get("random_basis") and "basis" in s:
+        if k in always_random and isinstance(s, dict) and "basis" in s:
             packed[k] = {kk: v for kk, v in s.items() if kk != "basis"}
     return state_dict
 

@@ -26,6 +26,7 @@ import math
 import torch
 from torch import Tensor
 
+from .distributed import LOCAL, Layout, local
 from .rules import get_rule
 
 _MASK64 = (1 << 64) - 1
@@ -53,7 +54,7 @@ def haar_stiefel(d: int, r: int, seed: int, device=None) -> Tensor:
     q, rr = torch.linalg.qr(z)
     signs = torch.sign(torch.diagonal(rr))
     signs[signs == 0] = 1.0
-    return q * signs
+    return (q * signs).contiguous()  # row-major like a loaded checkpoint's copy, so that resumed runs round alike
 
 
 def top_singular(grad: Tensor, r: int, method: str = "exact", seed: int = 0) -> Tensor:
@@ -76,14 +77,21 @@ def top_singular(grad: Tensor, r: int, method: str = "exact", seed: int = 0) -> 
 class Projector:
     """Chooses the basis of one parameter. Stateless: per-parameter state is passed in.
 
-    ``refresh`` returns the new basis and whether it is random (regenerable, so not saved); ``commit`` records a
-    refresh in the state once the step is known to be taken; ``track`` sees every taken step and may return a
-    new basis (online PCA). ``needs_full_gradient`` tells layer-wise accumulation whether the full gradient must
-    be kept for this step (it is, for data-dependent refreshes).
+    At a due refresh, an ``is_random`` projector gets a Haar basis regenerated from the parameter's key (on every
+    rank, never saved); otherwise ``refresh`` computes the new basis from the whole oriented gradient (on one owner
+    rank when distributed) and ``settle`` may still revise it on every rank, returning (basis, random) where
+    ``random`` may be a 0-d bool tensor, read with the step's one host sync. ``commit`` records a refresh in the
+    state once the step is known to be taken; ``track`` sees every taken step and may return a new basis (online
+    PCA). ``needs_full_gradient`` tells layer-wise accumulation whether the full gradient must be kept for this
+    step (it is, for data-dependent refreshes). ``random = True`` marks a projector whose every basis is random:
+    its bases are never saved (every other projector saves its current basis, so that the saved state's keys do
+    not depend on when a switch happened, as torch.distributed.checkpoint's templates need).
     """
 
     name = ""
     random = False
+    #: whether ``track`` reads the full gradient (kept until the update only for such projectors)
+    tracks_gradient = False
 
     def refresh_due(self, state: dict, group: dict) -> bool:
         return state["proj_step"] % group["update_gap"] == 0
@@ -97,10 +105,16 @@ class Projector:
     def refresh(self, grad: Tensor, state: dict, group: dict, key: int) -> tuple[Tensor, bool]:
         raise NotImplementedError
 
+    def settle(self, basis: Tensor, state: dict, group: dict, key: int, layout: Layout = LOCAL):
+        return basis, False
+
     def commit(self, state: dict, group: dict, random: bool) -> None:
         pass
 
-    def track(self, grad: Tensor, lowrank: Tensor, state: dict, group: dict) -> Tensor | None:
+    def init_state(self, state: dict, group: dict, lowrank: Tensor, layout: Layout = LOCAL) -> None:
+        """Create the state ``track`` will keep, as it is before any step (for checkpoint templates)."""
+
+    def track(self, grad: Tensor, lowrank: Tensor, state: dict, group: dict, layout: Layout = LOCAL):
         return None
 
 
@@ -114,13 +128,13 @@ class GaLore(Projector):
 
 
 class GoLore(Projector):
-    """Random subspace, Haar-uniform on the Stiefel manifold; regenerated from its key."""
+    """Random subspace, Haar-uniform on the Stiefel manifold; regenerated from its key (by the optimizer)."""
 
     name = "golore"
     random = True
 
-    def refresh(self, grad, state, group, key):
-        return haar_stiefel(grad.shape[0], group["rank"], key, grad.device), True
+    def is_random(self, state, group):
+        return True
 
 
 class Hybrid(Projector):
@@ -136,17 +150,17 @@ class Hybrid(Projector):
         return state["proj_step"] >= self.switch_step(group)
 
     def refresh(self, grad, state, group, key):
-        chosen = GOLORE if self.is_random(state, group) else GALORE
-        return chosen.refresh(grad, state, group, key)
+        return GALORE.refresh(grad, state, group, key)
 
 
 class OnlinePCA(Projector):
     """Online Subspace Descent: P learned by one optimizer step per update on the online-PCA loss."""
 
     name = "online_pca"
+    tracks_gradient = True
 
     def refresh_due(self, state, group):
-        return "basis" not in state
+        return state["refreshes"] == 0
 
     def needs_full_gradient(self, state, group):
         return True
@@ -155,31 +169,58 @@ class OnlinePCA(Projector):
         return GALORE.refresh(grad, state, group, key)
 
     @staticmethod
-    def pca_gradient(grad: Tensor, lowrank: Tensor, basis: Tensor, pca_lambda: float = 0.0) -> Tensor:
+    def pca_gradient(grad: Tensor, lowrank: Tensor, basis: Tensor, pca_lambda: float = 0.0,
+                     layout: Layout = LOCAL) -> Tensor:
         """∇_P of ‖P Pᵀ Ĝ - Ĝ‖² + λ‖PᵀP - I‖², Ĝ = G/‖G‖, reusing R = Pᵀ G from the step.
 
         With A = Pᵀ Ĝ and E = P A - Ĝ, the gradient 2(E Aᵀ + Ĝ Eᵀ P) simplifies (Eᵀ P = Aᵀ(PᵀP - I)) to
-        2 (P (A Aᵀ) + Ĝ Aᵀ (PᵀP - 2I)): one d x D x r product (G Rᵀ) instead of the six of autograd.
+        2 (P (A Aᵀ) + Ĝ Aᵀ (PᵀP - 2I)): one d x D x r product (G Rᵀ) instead of the six of autograd. For a
+        sharded G the partial sums ‖G‖², G Rᵀ (d x r) and, with split columns, R Rᵀ take one all-reduce.
         """
-        inv_sq = 1.0 / grad.square().sum().clamp_min(torch.finfo(torch.float32).tiny)
+        wide = grad.to(lowrank.dtype)
+        partial = [wide.square().sum().reshape(1), layout.embed_rows(wide @ lowrank.T)]
+        gram_r = lowrank @ lowrank.T
+        if layout.split == "cols":  # R itself is split: its Gram matrix is a partial sum too
+            partial.append(gram_r)
+        summed = layout.sum_(partial)
+        sq, grad_r = summed[0], summed[1]
+        gram_r = summed[2] if layout.split == "cols" else gram_r
+        inv_sq = 1.0 / sq.clamp_min(torch.finfo(torch.float32).tiny)
         gram = basis.T @ basis
         eye = torch.eye(gram.shape[0], device=gram.device, dtype=gram.dtype)
-        pca = 2 * inv_sq * (basis @ (lowrank @ lowrank.T) + (grad @ lowrank.T) @ (gram - 2 * eye))
+        pca = 2 * inv_sq * (basis @ gram_r + grad_r @ (gram - 2 * eye))
         if pca_lambda:
             pca += 4 * pca_lambda * basis @ (gram - eye)
         return pca
 
-    def track(self, grad, lowrank, state, group):
-        pca_grad = self.pca_gradient(grad, lowrank, state["basis"], group["pca_lambda"])
+    @staticmethod
+    def _step_basis(basis: Tensor, pca_grad: Tensor, state: dict, group: dict, lr: float) -> Tensor:
+        rule = get_rule(group["pca_rule"])
+        basis = basis.clone()
+        rule([basis], [pca_grad], [state.setdefault("pca", {})], rule.defaults, lr=lr)
+        return basis
+
+    def init_state(self, state, group, lowrank, layout=LOCAL):
+        basis = state["basis"]
+        self._step_basis(basis, torch.zeros_like(basis), state, group, 0.0)
+        reset_steps(state["pca"])
+
+    def track(self, grad, lowrank, state, group, layout=LOCAL):
+        pca_grad = self.pca_gradient(grad, lowrank, state["basis"], group["pca_lambda"], layout)
         # The projection's step size follows the model's schedule, as in the paper's code: lr_P * lr / lr_0.
         lr = group["pca_lr"] if group["pca_lr"] is not None else 1.0 / group["update_gap"]
         initial_lr = group.get("initial_lr") or group["lr"]
         if initial_lr:
             lr *= group["lr"] / initial_lr
-        rule = get_rule(group["pca_rule"])
-        basis = state["basis"].clone()
-        rule([basis], [pca_grad], [state.setdefault("pca", {})], rule.defaults, lr=lr)
-        return basis
+        return self._step_basis(state["basis"], pca_grad, state, group, lr)
+
+
+def reset_steps(state: dict) -> None:
+    """Set a rule's step counter back to 0 (a tensor in place), so the next step is its first."""
+    if isinstance(state.get("step"), Tensor):
+        state["step"].zero_()
+    elif "step" in state:
+        state["step"] = 0
 
 
 class Auto(Projector):
@@ -190,41 +231,54 @@ class Auto(Projector):
     noise. Below ``auto_threshold`` (default 1/sqrt(k), halfway on a log scale) the parameter switches, for
     good, to random projection, and ``state["switched_at"]`` records the step. The fraction of a fresh gradient
     captured by the subspace is *not* used: it stays high when the noise itself has a fixed low-rank structure.
+    The decision is a device tensor (``settle``), read with the step's one host sync, so a refresh that may
+    switch computes both bases and keeps one; after the switch no SVD is computed again.
     """
 
     name = "auto"
 
     def is_random(self, state, group):
-        return state.get("switched_at", -1) >= 0 or (self.refresh_due(state, group) and self._noisy(state, group))
-
-    @staticmethod
-    def _noisy(state, group) -> bool:
-        k = state.get("snr_count", 0)
-        if k < 2:
-            return False
-        threshold = group["auto_threshold"] or 1.0 / math.sqrt(group["update_gap"])
-        snr = state["snr_sum"].square().sum() / (k * state["snr_sq"]).clamp_min(torch.finfo(torch.float32).tiny)
-        return bool(snr < threshold)
+        return state.get("switched_at", -1) >= 0
 
     def refresh(self, grad, state, group, key):
-        chosen = GOLORE if self.is_random(state, group) else GALORE
-        return chosen.refresh(grad, state, group, key)
+        return GALORE.refresh(grad, state, group, key)
+
+    def settle(self, basis, state, group, key, layout=LOCAL):
+        k = state.get("snr_count", 0)
+        if k < 2:
+            return basis, False
+        total = local(state["snr_sum"]).square().sum().reshape(1)
+        squares = local(state["snr_sq"]).sum().reshape(1)
+        if layout.split == "cols":  # S and Q are partial sums over the column shards
+            total, squares = layout.sum_([total, squares])
+        threshold = group["auto_threshold"] or 1.0 / math.sqrt(group["update_gap"])
+        snr = total / (k * squares).clamp_min(torch.finfo(torch.float32).tiny)
+        noisy = (snr < threshold).reshape(())
+        random = haar_stiefel(basis.shape[0], group["rank"], key, basis.device).to(basis.dtype)
+        return torch.where(noisy, random, basis), noisy
 
     def commit(self, state, group, random):
         if random and state.get("switched_at", -1) < 0:
             state["switched_at"] = state["proj_step"]
-        for name in ("snr_sum", "snr_sq", "snr_count"):
-            state.pop(name, None)
+        if "snr_sum" in state:
+            state["snr_sum"].zero_()
+            state["snr_sq"].zero_()
+            state["snr_count"] = 0
 
-    def track(self, grad, lowrank, state, group):
+    def init_state(self, state, group, lowrank, layout=LOCAL):
+        state.setdefault("switched_at", -1)
+        # S = Σ R_t (r x D) and Q = Σ ‖R_t‖², kept per column (D), so that both shard like R
+        state["snr_sum"] = layout.wrap(torch.zeros_like(lowrank, dtype=torch.float32))
+        state["snr_sq"] = layout.wrap(torch.zeros(lowrank.shape[-1], device=lowrank.device))
+        state["snr_count"] = 0
+
+    def track(self, grad, lowrank, state, group, layout=LOCAL):
         if state.get("switched_at", -1) >= 0:
             return None
         if "snr_sum" not in state:
-            state["snr_sum"] = torch.zeros_like(lowrank, dtype=torch.float32)
-            state["snr_sq"] = torch.zeros((), device=lowrank.device)
-            state["snr_count"] = 0
-        state["snr_sum"].add_(lowrank)
-        state["snr_sq"].add_(lowrank.float().square().sum())
+            self.init_state(state, group, lowrank, layout)
+        local(state["snr_sum"]).add_(lowrank)
+        local(state["snr_sq"]).add_(lowrank.float().square().sum(0))
         state["snr_count"] += 1
         return None
 

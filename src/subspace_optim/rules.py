@@ -51,12 +51,14 @@ def adamw(params, grads, states, *, lr, weight_decay, betas, eps) -> None:
     m <- b1 m + (1-b1) g;  v <- b2 v + (1-b2) g²;  U = (m / (1-b1^t)) / (sqrt(v / (1-b2^t)) + eps).
     ``step`` is a float tensor, exactly as in torch.optim.AdamW's state.
     """
-    for grad, state in zip(grads, states):
+    fused = all(p.device.type in _FUSED_DEVICES for p in params)
+    for param, grad, state in zip(params, grads, states):
         if "step" not in state:
-            state["step"] = torch.tensor(0.0)
+            # torch.optim's convention: a fused kernel reads ``step`` on the parameter's device, the for-each
+            # path on the host (where it costs no device synchronisation to read)
+            state["step"] = torch.zeros((), dtype=torch.float32, device=param.device if fused else "cpu")
             state["exp_avg"] = torch.zeros_like(grad, memory_format=torch.preserve_format)
             state["exp_avg_sq"] = torch.zeros_like(grad, memory_format=torch.preserve_format)
-    fused = all(p.device.type in _FUSED_DEVICES for p in params)
     torch_adamw(
         params, grads, [s["exp_avg"] for s in states], [s["exp_avg_sq"] for s in states], [],
         [s["step"] for s in states], fused=fused, foreach=not fused, amsgrad=False, beta1=betas[0],
@@ -74,9 +76,9 @@ def sgd(params, grads, states, *, lr, weight_decay, momentum, dampening, nestero
         _count_step(states)
         return _apply(params, grads, lr, weight_decay)
     for grad, state in zip(grads, states):
-        if "momentum_buffer" in state:
+        if state.get("step", 0) and "momentum_buffer" in state:
             state["momentum_buffer"].mul_(momentum).add_(grad, alpha=1 - dampening)
-        else:
+        else:  # the first step (counted, so that a state created ahead of it, e.g. by DCP, starts the same)
             state["momentum_buffer"] = grad.clone()
     _count_step(states)
     bufs = [s["momentum_buffer"] for s in states]

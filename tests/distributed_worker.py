@@ -1,0 +1,197 @@
+"""Run under ``torchrun --nproc_per_node 2`` (gloo, CPU) by tests/test_distributed.py; writes one JSON of results.
+
+Every case trains the same model twice: on one process with the whole batch (the reference, computed on every
+rank), and distributed (FSDP2 ``fully_shard`` or DDP) with each rank taking its share of the same global batch.
+The model has weights whose rows do not divide among 2 ranks, on both projection sides, and a flattened 3-D one.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from torch import nn
+from torch.distributed.checkpoint.state_dict import (get_model_state_dict, get_optimizer_state_dict,
+                                                     set_model_state_dict, set_optimizer_state_dict)
+from torch.distributed.fsdp import fully_shard
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+import subspace_optim as so
+
+RULES = {"adamw": (so.SubspaceAdamW, {"lr": 1e-2}), "sgd": (so.SubspaceSGD, {"lr": 5e-2}),
+         "adafactor": (so.SubspaceAdafactor, {"lr": 1e-2}), "lion": (so.SubspaceLion, {"lr": 1e-3})}
+PROJECTORS = ("galore", "golore", "hybrid", "online_pca", "auto")
+BATCH, STEPS, GAP, RANK = 8, 7, 2, 3
+
+
+class Net(nn.Module):
+    """right: 25 x 10 (right projection, 25 rows: uneven over 2), left: 7 x 25 (left, uneven), conv 6 x 3 x 4."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed = nn.Embedding(15, 10)
+        self.right = nn.Linear(10, 25)
+        self.left = nn.Linear(25, 7)
+        self.conv = nn.Conv1d(3, 6, 4)
+
+    def forward(self, tokens, signal):
+        h = torch.tanh(self.right(self.embed(tokens).mean(1)))
+        return self.left(h).square().mean() + self.conv(signal).square().mean()
+
+
+def batch(step: int, size: int = BATCH):
+    gen = torch.Generator().manual_seed(1000 + step)
+    return torch.randint(0, 15, (size, 5), generator=gen), torch.randn(size, 3, 9, generator=gen)
+
+
+def groups(model: nn.Module, **settings):
+    projected = [model.right.weight, model.left.weight, model.conv.weight]
+    ids = {id(p) for p in projected}
+    return [{"params": [p for p in model.parameters() if id(p) not in ids]},
+            {"params": projected, "rank": RANK, **settings}]
+
+
+def settings(projector: str) -> dict:
+    extra = {"total_steps": 4, "random_fraction": 0.5} if projector == "hybrid" else {}
+    if projector == "auto":
+        extra["auto_threshold"] = 0.9  # switch some weights mid-run, so both branches are compared
+    if projector == "online_pca":
+        # Adam on P turns rounding-level differences of near-zero PCA gradients into full steps (1e-7 -> 1e-2
+        # within a few steps, on one process too): SGD on P shows that the distributed arithmetic is the same
+        extra["pca_rule"] = "sgd"
+    return {"projector": projector, "update_gap": GAP, **extra}
+
+
+def make_optimizer(rule: str, model: nn.Module, **kw):
+    cls, hyper = RULES[rule]
+    proj = {k: kw.pop(k) for k in list(kw) if k in ("projector", "update_gap", "total_steps", "random_fraction",
+                                                     "auto_threshold", "pca_rule")}
+    return cls(groups(model, **proj), **hyper, **kw)
+
+
+def local_batch(step: int):
+    rank, world = dist.get_rank(), dist.get_world_size()
+    tokens, signal = batch(step)
+    share = BATCH // world
+    return tokens[rank * share:(rank + 1) * share], signal[rank * share:(rank + 1) * share]
+
+
+def train(model, opt, steps, micro: int = 1, per_rank: bool = False, first: int = 1):
+    for step in range(first, first + steps):
+        for k in range(micro):
+            data = local_batch(step * 10 + k) if per_rank else batch(step * 10 + k)
+            (model(*data) / micro).backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+
+def full(p):
+    return p.full_tensor() if hasattr(p, "full_tensor") else p
+
+
+def max_error(a: nn.Module, b: nn.Module) -> float:
+    return max((full(p).detach() - full(q).detach()).abs().max().item()
+               for p, q in zip(a.parameters(), b.parameters()))
+
+
+def shard(model: nn.Module) -> nn.Module:
+    for module in (model.right, model.left, model.conv, model.embed):
+        fully_shard(module)
+    return fully_shard(model)
+
+
+def reference(base, rule, steps=STEPS, micro=1, **kw):
+    model = copy.deepcopy(base)
+    train(model, make_optimizer(rule, model, **kw), steps, micro)
+    return model
+
+
+def case_equivalence(base, wrap: str, rule: str, projector: str, **extra) -> float:
+    ref = reference(base, rule, **settings(projector), **extra)
+    model = copy.deepcopy(base)
+    if wrap == "fsdp2":
+        model = shard(model)
+        opt = make_optimizer(rule, model, **settings(projector), **extra)
+        train(model, opt, STEPS, per_rank=True)
+    else:
+        ddp = DDP(model)
+        opt = make_optimizer(rule, model, process_group=dist.group.WORLD, **settings(projector), **extra)
+        train(ddp, opt, STEPS, per_rank=True)
+    return max_error(model, ref)
+
+
+def case_layerwise(base, rule: str, projector: str, micro: int) -> float:
+    """Layer-wise updates under FSDP2 (hooks fire on the reduced shard) against standard single-process steps."""
+    ref = reference(base, rule, micro=micro, **settings(projector))
+    model = shard(copy.deepcopy(base))
+    opt = make_optimizer(rule, model, layerwise=True, accumulation_steps=micro, **settings(projector))
+    train(model, opt, STEPS, micro=micro, per_rank=True)
+    return max_error(model, ref)
+
+
+def case_checkpoint(base, rule: str, projector: str, folder: Path) -> dict:
+    """Save at step 3 with DCP, resume in a fresh model and optimizer: bitwise equal to never stopping."""
+    cfg = settings(projector)
+    straight = shard(copy.deepcopy(base))
+    opt = make_optimizer(rule, straight, **cfg)
+    train(straight, opt, STEPS, per_rank=True)
+
+    first = shard(copy.deepcopy(base))
+    opt = make_optimizer(rule, first, **cfg)
+    train(first, opt, 3, per_rank=True)
+    dcp.save({"model": get_model_state_dict(first), "optim": get_optimizer_state_dict(first, opt)},
+             checkpoint_id=str(folder))
+    resumed = shard(copy.deepcopy(base))
+    with torch.no_grad():  # a different starting point, so that only the checkpoint can make them equal
+        for p in resumed.parameters():
+            p.add_(1.0)
+    opt2 = make_optimizer(rule, resumed, **cfg)
+    state = {"model": get_model_state_dict(resumed), "optim": get_optimizer_state_dict(resumed, opt2)}
+    template_untouched = all(full(p).detach().ne(full(q).detach()).any().item()
+                             for p, q in zip(resumed.parameters(), first.parameters()))
+    dcp.load(state, checkpoint_id=str(folder))
+    set_model_state_dict(resumed, state["model"])
+    set_optimizer_state_dict(resumed, opt2, state["optim"])
+    train(resumed, opt2, STEPS - 3, per_rank=True, first=4)
+    final = [full(p).detach() for p in straight.parameters()]
+    if dist.get_rank() == 0:  # the uninterrupted run's weights, for the test that resumes on one process
+        torch.save(final, folder / "straight.pt")
+    return {"bitwise": max_error(resumed, straight) == 0.0, "error": max_error(resumed, straight),
+            "template_untouched": template_untouched}
+
+
+def main(out: str, folder: str) -> None:
+    dist.init_process_group("gloo")
+    torch.manual_seed(0)
+    base = Net()
+    results, t0 = {}, time.perf_counter()
+    for rule in RULES:
+        for projector in PROJECTORS:
+            results[f"fsdp2/{rule}/{projector}"] = case_equivalence(base, "fsdp2", rule, projector)
+    for projector in PROJECTORS:
+        results[f"ddp/adamw/{projector}"] = case_equivalence(base, "ddp", "adamw", projector)
+    results["ddp/sgd/galore"] = case_equivalence(base, "ddp", "sgd", "galore")
+    for projector in ("galore", "golore", "online_pca"):
+        results[f"fsdp2-layerwise/adamw/{projector}"] = case_layerwise(base, "adamw", projector, 1)
+        results[f"fsdp2-layerwise-accumulate/adamw/{projector}"] = case_layerwise(base, "adamw", projector, 2)
+    for rule, projector in (("adamw", "galore"), ("adamw", "golore"), ("sgd", "hybrid"), ("adamw", "auto"),
+                            ("adamw", "online_pca")):
+        sub = Path(folder) / f"{rule}-{projector}"
+        results[f"dcp/{rule}/{projector}"] = case_checkpoint(base, rule, projector, sub)
+    results["seconds"] = time.perf_counter() - t0
+    if dist.get_rank() == 0:
+        for name, value in results.items():
+            print(name, value, flush=True)
+        Path(out).write_text(json.dumps(results, indent=1))
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main(sys.argv[1], sys.argv[2] if len(sys.argv) > 2 else tempfile.mkdtemp())
