@@ -178,6 +178,11 @@ def main(out: str, folder: str) -> None:
     for projector in PROJECTORS:
         results[f"ddp/adamw/{projector}"] = case_equivalence(base, "ddp", "adamw", projector)
     results["ddp/sgd/galore"] = case_equivalence(base, "ddp", "sgd", "galore")
+    try:  # under DDP a hook would see the local, unreduced gradient: refused, never silently used
+        make_optimizer("adamw", DDP(copy.deepcopy(base)).module, layerwise=True, **settings("golore"))
+        results["ddp-layerwise-refused"] = False
+    except RuntimeError as err:
+        results["ddp-layerwise-refused"] = "unreduced" in str(err)
     for projector in ("galore", "golore", "online_pca"):
         results[f"fsdp2-layerwise/adamw/{projector}"] = case_layerwise(base, "adamw", projector, 1)
         results[f"fsdp2-layerwise-accumulate/adamw/{projector}"] = case_layerwise(base, "adamw", projector, 2)

@@ -56,6 +56,12 @@ def test_two_processes_take_the_steps_of_one(run, case):
     assert results[case] < 1e-4, f"{case}: max weight difference {results[case]:.3g}"
 
 
+def test_layerwise_under_ddp_is_refused(run):
+    """A DDP hook sees the local gradient: layer-wise mode refuses with a clear error instead of using it."""
+    results, _ = run
+    assert results["ddp-layerwise-refused"] is True
+
+
 DCP = ["adamw/galore", "adamw/golore", "sgd/hybrid", "adamw/auto", "adamw/online_pca"]
 
 

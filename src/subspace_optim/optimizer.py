@@ -85,6 +85,32 @@ class _Work:
     key: int = 0
 
 
+def _check_not_flattened(params: list[Tensor]) -> None:
+    """Projection needs each weight's matrix shape. FSDP1 (use_orig_params=False) and DeepSpeed ZeRO hand the
+    optimizer flattened 1-D buffers instead, which would silently be trained dense: refuse them."""
+    for p in params:
+        cause = ("an FSDP1 FlatParameter" if type(p).__name__ == "FlatParameter"
+                 else "a DeepSpeed ZeRO partition" if hasattr(p, "ds_numel") or hasattr(p, "ds_id") else None)
+        if cause:
+            raise ValueError(f"a projected group holds {cause} (shape {tuple(p.shape)}): subspace projection needs "
+                             "each weight's matrix shape; use FSDP2 (torch.distributed.fsdp.fully_shard) or DDP")
+    if params and all(p.dim() < 2 for p in params):
+        raise ValueError(f"a projected group (one with 'rank') holds only 1-D parameters {[tuple(p.shape) for p in params][:4]}: "
+                         "nothing to project. Flattened parameters (FSDP1 use_orig_params=False, DeepSpeed ZeRO) "
+                         "cannot be projected; use FSDP2 (fully_shard) or DDP, or drop 'rank' from this group")
+
+
+def _check_layerwise_reduced(p: Tensor) -> None:
+    """A post-accumulate-grad hook under DDP sees this rank's local, unreduced gradient (DDP averages it later):
+    a layer-wise update from it would silently differ between ranks. FSDP2 fires the hook on the reduced shard."""
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1 and not is_dtensor(p):
+        raise RuntimeError(
+            "layerwise=True with a plain (non-DTensor) parameter in a multi-process job: under DDP its hook sees "
+            "the local, unreduced gradient. Shard the model with FSDP2 (fully_shard), whose hooks see the reduced "
+            "gradient, or use layerwise=False"
+        )
+
+
 def _read(flags: Tensor) -> list:
     """The step's one host synchronisation: every data-dependent decision of a step, read at once."""
     return flags.tolist()
@@ -160,6 +186,7 @@ class SubspaceOptimizer(Optimizer):
         if self.layerwise:
             for group in self.param_groups:
                 for p in group["params"]:
+                    _check_layerwise_reduced(p)
                     p.register_post_accumulate_grad_hook(self._layerwise_hook)
 
     # ----------------------------------------------------------------------------------------- groups
@@ -204,6 +231,8 @@ class SubspaceOptimizer(Optimizer):
         if not group["pca_lambda"] >= 0:
             raise ValueError(f"Invalid pca_lambda: {group['pca_lambda']!r}; expected >= 0")
         get_rule(self.rule_name).check(group)
+        if group.get("rank") is not None:
+            _check_not_flattened(group["params"])
         for p in group["params"]:
             if p.is_complex():
                 raise ValueError(f"complex parameters are not supported (shape {tuple(p.shape)})")
@@ -480,6 +509,7 @@ class SubspaceOptimizer(Optimizer):
     @torch.no_grad()
     def _layerwise_hook(self, p: Tensor) -> None:
         group, state = self._group_of[p], self.state[p]
+        _check_layerwise_reduced(p)
         state["micro"] = state.get("micro", 0) + 1
         last = state["micro"] >= group["accumulation_steps"]
         projector = get_projector(group["projector"])

@@ -53,7 +53,7 @@ def haar_stiefel(d: int, r: int, seed: int, device=None) -> Tensor:
     z = torch.randn(d, r, generator=gen, dtype=torch.float32).to(device)
     q, rr = torch.linalg.qr(z)
     signs = torch.sign(torch.diagonal(rr))
-    signs[signs == 0] = 1.0
+    signs = torch.where(signs == 0, 1.0, signs)  # not a masked assignment: that would sync a GPU
     return (q * signs).contiguous()  # row-major like a loaded checkpoint's copy, so that resumed runs round alike
 
 
