@@ -1,0 +1,108 @@
+"""The harness under torchrun: DDP or FSDP2 over N processes, the same global batch as one process.
+
+    torchrun --nproc_per_node N -m subspace_optim train ... --distributed ddp|fsdp2
+
+Every process builds the same model from the same seed and reads the same stream of global batches; each trains
+on its contiguous share (``--batch-size`` / N sequences). DDP averages the gradients, FSDP2 reduce-scatters their
+average, so a step equals one process's step on the whole batch. Rank 0 alone writes the run folder, the logs and
+the progress bar. Checkpoints: DDP (whose model and optimizer state are replicated) writes rank 0's copy in the
+single-process format; FSDP2 writes its sharded weights and optimizer state with torch.distributed.checkpoint,
+which can be resumed at another number of processes.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from .config import UsageError
+
+MODES = ("none", "ddp", "fsdp2")
+
+
+@dataclass
+class Parallel:
+    """Where this process stands in the job: ``mode``, ``rank`` of ``world``, its ``device``."""
+
+    mode: str = "none"
+    rank: int = 0
+    world: int = 1
+    device: torch.device = torch.device("cpu")
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def optimizer_group(self):
+        """The group our optimizer shares SVD refreshes over: DDP's (FSDP2's DTensors carry their own mesh)."""
+        return dist.group.WORLD if self.mode == "ddp" else None
+
+    def share(self, batch: dict) -> dict:
+        """This process's contiguous share of a global batch (every tensor split along its first dimension)."""
+        if self.world == 1:
+            return batch
+        return {k: v.chunk(self.world)[self.rank] for k, v in batch.items()}
+
+    def mean(self, value: float) -> float:
+        """The mean of a number over the processes (the global batch's loss from the shares' losses)."""
+        if self.world == 1:
+            return value
+        t = torch.tensor([value], dtype=torch.float64, device=self.device)
+        dist.all_reduce(t)
+        return t.item() / self.world
+
+    def total(self, value: int) -> int:
+        return value * self.world
+
+    def wrap(self, model: nn.Module) -> nn.Module:
+        """The model to train: DDP around it, or FSDP2 applied in place (each transformer block, then the root)."""
+        if self.mode == "ddp":
+            from torch.nn.parallel import DistributedDataParallel
+
+            ids = [self.device.index] if self.device.type == "cuda" else None
+            return DistributedDataParallel(model, device_ids=ids)
+        if self.mode == "fsdp2":
+            from torch.distributed.fsdp import fully_shard
+
+            blocks = set(getattr(model, "_no_split_modules", None) or ())
+            for module in model.modules():
+                if type(module).__name__ in blocks:
+                    fully_shard(module)
+            fully_shard(model)
+        return model
+
+    def barrier(self) -> None:
+        if self.world > 1:
+            dist.barrier()
+
+    def close(self) -> None:
+        if self.mode != "none" and dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def start(mode: str, device: str, batch_size: int) -> Parallel:
+    """Join the torchrun job (clear errors outside one, or for a batch that does not split)."""
+    if mode not in MODES:
+        raise UsageError(f"--distributed {mode}: choose one of {', '.join(MODES)}")
+    if mode == "none":
+        name = device if device != "auto" else "cuda" if torch.cuda.is_available() else "cpu"
+        return Parallel(device=torch.device(name))
+    if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
+        raise UsageError(f"--distributed {mode} runs under torchrun: torchrun --nproc_per_node N -m subspace_optim "
+                         f"train ... --distributed {mode}")
+    world = int(os.environ["WORLD_SIZE"])
+    if batch_size % world:
+        raise UsageError(f"--batch-size {batch_size} is the global batch and must divide among the {world} "
+                         "processes")
+    cuda = torch.cuda.is_available() and device in ("auto", "cuda")
+    if cuda:
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if cuda else "gloo")
+    where = torch.device("cuda", torch.cuda.current_device()) if cuda else torch.device("cpu")
+    return Parallel(mode, dist.get_rank(), world, where)
