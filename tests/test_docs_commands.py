@@ -169,15 +169,14 @@ def test_every_doc_has_commands():
 
 @pytest.mark.parametrize("where, argv", COMMANDS, ids=[f"{w} {' '.join(a)}" for w, a in COMMANDS])
 def test_documented_command_runs(where, argv, workspace, monkeypatch, capsys):
-    skip = [why for key, why in NOT_RUN.items() if key in " ".join(argv)]
-    if skip:  # parsed by the real parser and resolved by the real config, not run
+    if any(key in " ".join(argv) for key in NOT_RUN):  # the real parser and config, but no training
         from subspace_optim.train import loop
         from subspace_optim.train.config import resolve
 
         monkeypatch.setattr(loop, "run", lambda cfg, given: resolve(cfg))
-        assert main(argv) == 0, f"{where}: {shlex.join(argv)}\n{capsys.readouterr().err}"
-        return
-    run = toy_argv(argv, workspace, COMMANDS.index((where, argv)))
+        run = argv
+    else:
+        run = toy_argv(argv, workspace, COMMANDS.index((where, argv)))
     try:
         code = main(run)
     except SystemExit as exit_:  # --help, or argparse rejecting the command
