@@ -1,33 +1,44 @@
-"""Smoke tests of `subspace-optim reproduce NAME --quick`: each writes its report and plots at toy size."""
+"""Smoke tests of `subspace-optim reproduce NAME --quick`: each writes its report and plots at toy size, and never
+where the committed reports live; --dry-run runs and writes nothing."""
 
 import pytest
 
-from subspace_optim.cli import main
+from subspace_optim.cli import EXPERIMENTS, main
+from subspace_optim.experiments.counterexample import switch_text
+
+COMMITTED = "the committed report\n"
 
 
 @pytest.fixture
-def out(tmp_path):
+def out(tmp_path, monkeypatch):
+    """A fresh current folder holding a 'committed' docs/results, as a clone of the repository does."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "docs" / "results").mkdir(parents=True)
+    for name in EXPERIMENTS:
+        (tmp_path / "docs" / "results" / f"{name}.md").write_text(COMMITTED)
     return tmp_path
 
 
-def _reproduce(name, out, *extra):
-    assert main(["reproduce", name, "--quick", "--out", str(out / "results"), "--runs", str(out / "runs"),
-                 *extra]) == 0
-    report = (out / "results" / f"{name}.md").read_text()
-    assert f"`subspace-optim reproduce {name} --quick" in report and "commit `" in report
-    assert "wall time" in report and "seeds" in report
+def _reproduce(name, out):
+    """`reproduce NAME --quick` with the default folders: the report goes under runs/reproduce/quick."""
+    assert main(["reproduce", name, "--quick"]) == 0
+    assert (out / "docs" / "results" / f"{name}.md").read_text() == COMMITTED
+    assert not list((out / "docs" / "results").glob("*.png"))
+    report = (out / "runs" / "reproduce" / "quick" / f"{name}.md").read_text()
+    assert f"`subspace-optim reproduce {name} --quick`" in report and "commit `" in report
+    assert "wall time" in report and "seeds" in report and "toy size" in report
     return report
 
 
 def test_counterexample(out):
     report = _reproduce("counterexample", out)
-    assert (out / "results" / "counterexample.png").stat().st_size > 0
-    assert "GaLore (small batch)" in report and "auto" in report
+    assert (out / "runs" / "reproduce" / "quick" / "counterexample.png").stat().st_size > 0
+    assert "GaLore (small batch)" in report and "auto" in report and "None" not in report
 
 
 def test_refresh_cost(out):
     report = _reproduce("refresh-cost", out)
-    assert "online PCA step" in report and (out / "results" / "refresh-cost.png").is_file()
+    assert "online PCA step" in report and (out / "runs" / "reproduce" / "quick" / "refresh-cost.png").is_file()
 
 
 def test_memory(out):
@@ -37,7 +48,7 @@ def test_memory(out):
 
 def test_pretrain(out):
     report = _reproduce("pretrain", out)
-    assert "| adamw |" in report and (out / "results" / "pretrain-batch.png").is_file()
+    assert "| adamw |" in report and (out / "runs" / "reproduce" / "quick" / "pretrain-batch.png").is_file()
 
 
 def test_finetune(out):
@@ -45,8 +56,49 @@ def test_finetune(out):
     assert "GaLore r=4" in report and "±" in report
 
 
+@pytest.mark.parametrize("argv", [["--quick"], ["--quick", "--out", "{out}/docs/results"],
+                                  ["--scale", "paper", "--out", "docs/results"]])
+def test_only_the_full_experiment_may_write_the_committed_reports(out, capsys, argv):
+    argv = [a.replace("{out}", str(out)) for a in argv]
+    if "--out" in argv:  # refused before anything runs
+        assert main(["reproduce", "pretrain", *argv]) == 2
+        assert "only the full experiment rewrites the committed reports" in capsys.readouterr().err
+    else:
+        assert main(["reproduce", "all", *argv, "--dry-run"]) == 0
+        assert "docs/results" not in capsys.readouterr().out
+    assert all((out / "docs" / "results" / f"{n}.md").read_text() == COMMITTED for n in EXPERIMENTS)
+
+
+@pytest.mark.parametrize("name", [*EXPERIMENTS, "all"])
+def test_dry_run_says_what_and_where_and_runs_nothing(out, capsys, monkeypatch, name):
+    from subspace_optim.experiments import report
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("--dry-run started the experiment")
+
+    monkeypatch.setattr(report.Report, "__init__", refuse)
+    monkeypatch.setattr(report, "harness", refuse)
+    assert main(["reproduce", name, "--dry-run"]) == 0
+    printed = capsys.readouterr().out
+    for each in EXPERIMENTS if name == "all" else [name]:
+        assert f"# reproduce {each}: would write docs/results/{each}.md" in printed
+    assert sorted(p.relative_to(out).as_posix() for p in out.rglob("*")) == \
+        ["docs", "docs/results", *sorted(f"docs/results/{n}.md" for n in EXPERIMENTS)]  # nothing new
+    assert all((out / "docs" / "results" / f"{n}.md").read_text() == COMMITTED for n in EXPERIMENTS)
+
+
 def test_dry_run_prints_the_commands(capsys, out):
-    assert main(["reproduce", "pretrain", "--scale", "paper", "--dry-run", "--out", str(out)]) == 0
+    assert main(["reproduce", "pretrain", "--scale", "paper", "--dry-run"]) == 0
     lines = capsys.readouterr().out.splitlines()
-    assert any("--model llama-1b" in line and "--optimizer rso" in line for line in lines)
-    assert not list(out.iterdir())  # nothing written
+    assert lines[0] == "# reproduce pretrain: would write runs/reproduce/paper/pretrain.md and its plots, after running:"
+    assert any("--model llama-1b" in line and "--optimizer rso" in line and "--out runs/reproduce/pretrain-paper/"
+               in line for line in lines)
+
+
+def test_scale_is_pretrain_only(capsys):
+    assert main(["reproduce", "counterexample", "--scale", "paper", "--dry-run"]) == 2
+    assert "only pretrain has a paper scale" in capsys.readouterr().err
+
+
+def test_auto_without_a_switch_reads_no_switch():
+    assert switch_text({("AdamW", 0): 200, ("MSGD", 1): None}) == "AdamW seed 0: step 200, MSGD seed 1: no switch"

@@ -184,6 +184,22 @@ def test_optimizers_and_rules_run(tmp_path, extra):
         assert isinstance(summary["switch_steps"], dict)
 
 
+def test_auto_summary_names_the_switched_parameters(tmp_path, monkeypatch):
+    """summary.json's switch_steps is keyed by parameter name, not by the optimizer's index."""
+    from subspace_optim import optimizer
+
+    monkeypatch.setitem(optimizer.SETTINGS, "auto_threshold", 2.0)  # above any SNR (<= 1): switch at 1st refresh
+    text = tmp_path / "text.txt"
+    text.write_text("\n\n".join(f"Story {i}. " + "The council approved the new budget today. " * 5
+                                for i in range(30)))
+    out = tmp_path / "run"
+    train("--model", tiny_config(tmp_path / "tiny.json"), "--data", str(text), "--rank", "4", "--steps", "3",
+          "--update-gap", "2", "--optimizer", "auto", "--out", str(out), *SMALL)
+    switched = json.loads((out / "summary.json").read_text())["switch_steps"]
+    assert "model.layers.0.self_attn.q_proj.weight" in switched and "model.layers.0.mlp.down_proj.weight" in switched
+    assert len(set(switched.values())) == 1  # every projected weight, at the same refresh
+
+
 @pytest.mark.parametrize("side, reduced", [("std", 32), ("left", 48), ("right", 32)])
 def test_side_chooses_which_dimension_is_projected(side, reduced):
     """--side reaches every projected group: the basis of a 48 x 32 (out x in) weight spans its smaller side (std),

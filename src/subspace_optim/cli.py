@@ -72,36 +72,71 @@ def _compare(args: argparse.Namespace) -> int:
 
 
 EXPERIMENTS = ("counterexample", "pretrain", "finetune", "refresh-cost", "memory")
-_REPRODUCE_DEFAULTS = {"out": "docs/results", "runs": "runs/reproduce", "scale": "cpu"}
+#: Where the committed reports live. Only the full experiment writes here by default: a --quick or --scale paper run
+#: writes beside its training runs, so a cheap check never replaces a committed report with toy numbers.
+RESULTS = Path("docs/results")
+_REPRODUCE_DEFAULTS = {"runs": "runs/reproduce", "scale": "cpu"}
 
 
 def _add_reproduce(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("name", choices=(*EXPERIMENTS, "all"), help="experiment to run, or all of them in turn")
     parser.add_argument("--quick", action="store_true", help="toy size (seconds to minutes): checks that the "
                         "experiment runs end to end; its numbers mean nothing")
-    parser.add_argument("--out", default=_REPRODUCE_DEFAULTS["out"], help="folder for NAME.md and its plots "
-                        "(default: docs/results)")
+    parser.add_argument("--out", help=f"folder for NAME.md and its plots (default: {RESULTS} for the full "
+                        "experiment; RUNS/quick with --quick, RUNS/paper with --scale paper)")
     parser.add_argument("--runs", default=_REPRODUCE_DEFAULTS["runs"], help="folder for the training runs of "
-                        "pretrain and finetune; finished runs found there are reused (default: runs/reproduce)")
+                        "pretrain, finetune and memory; finished runs found there are reused (default: "
+                        "runs/reproduce)")
     parser.add_argument("--scale", choices=("cpu", "paper"), default=_REPRODUCE_DEFAULTS["scale"],
                         help="pretrain only: cpu (llama-tiny on BBC News) or paper (GaLore's llama-60m to "
                         "llama-1b on C4; needs GPUs and a network) (default: cpu)")
-    parser.add_argument("--dry-run", action="store_true", help="pretrain/finetune: print the training commands "
-                        "without running them")
+    parser.add_argument("--dry-run", action="store_true", help="print what would run and where the report "
+                        "would go, and run nothing")
+
+
+def _is_full(args: argparse.Namespace, name: str) -> bool:
+    """Whether this is the experiment a committed report comes from: the only run that may replace it."""
+    return not args.quick and (name != "pretrain" or args.scale == "cpu")
+
+
+def _report_dir(args: argparse.Namespace, name: str) -> Path:
+    """Where experiment ``name`` writes NAME.md: --out, else docs/results for the full experiment and a folder
+    under --runs for any other; a run that is not the full experiment may not write into docs/results."""
+    full = _is_full(args, name)
+    if args.out is None:
+        return RESULTS if full else Path(args.runs) / ("quick" if args.quick else args.scale)
+    from .experiments.report import REPO
+
+    if not full and Path(args.out).resolve() in {RESULTS.resolve(), (REPO / RESULTS).resolve()}:
+        raise UsageError(f"--out {args.out}: only the full experiment rewrites the committed reports; "
+                         f"{'--quick' if args.quick else '--scale ' + args.scale} writes elsewhere (leave out --out)")
+    return Path(args.out)
 
 
 def _reproduce(args: argparse.Namespace) -> int:
-    """Run experiments.<name>.main(args): each writes <out>/<name>.md and its plots."""
+    """Run experiments.<name>.main(args): each writes <args.out>/<name>.md and its plots (with --dry-run, print
+    what it would run instead: experiments.<name>.dry_run(args))."""
     import importlib
 
+    if args.scale != "cpu" and args.name not in ("pretrain", "all"):
+        raise UsageError(f"--scale {args.scale}: only pretrain has a paper scale")
     flags = []
     for key in ("quick", "out", "runs", "scale", "dry_run"):
         value = getattr(args, key)
-        if value not in (False, _REPRODUCE_DEFAULTS.get(key)):
+        if value not in (False, None, _REPRODUCE_DEFAULTS.get(key)):
             flags += ["--" + key.replace("_", "-")] + ([] if value is True else [str(value)])
-    for name in EXPERIMENTS if args.name == "all" else (args.name,):
-        args.argv = ["subspace-optim", "reproduce", name, *flags]  # the exact command, for the report's header
-        importlib.import_module(f".experiments.{name.replace('-', '_')}", __package__).main(args)
+    names = EXPERIMENTS if args.name == "all" else (args.name,)
+    outs = {name: _report_dir(args, name) for name in names}  # every user error before anything runs
+    for name in names:
+        module = importlib.import_module(f".experiments.{name.replace('-', '_')}", __package__)
+        run = argparse.Namespace(**{**vars(args), "out": outs[name],
+                                    # the exact command, for the report's header
+                                    "argv": ["subspace-optim", "reproduce", name, *flags]})
+        if args.dry_run:
+            print(f"# reproduce {name}: would write {outs[name] / name}.md and its plots, after running:")
+            print("\n".join(module.dry_run(run)))
+        else:
+            module.main(run)
     return 0
 
 
@@ -123,8 +158,8 @@ COMMANDS = {
     "train": ("pretrain a causal LM (LLaMA) on text", lambda p: _add_config_flags(p, "lm"), _runner("lm")),
     "finetune": ("fine-tune a sequence classifier", lambda p: _add_config_flags(p, "classify"), _runner("classify")),
     "compare": ("compare finished runs side by side", _add_compare, _compare),
-    "reproduce": ("reproduce a paper's claim at CPU scale; writes docs/results/NAME.md", _add_reproduce,
-                  _reproduce),
+    "reproduce": ("reproduce a paper's claim at CPU scale; the full experiment writes docs/results/NAME.md",
+                  _add_reproduce, _reproduce),
     "memory": ("estimate the memory of training a model (weights, gradients, optimizer state, activations)",
                _add_memory, _memory),
 }

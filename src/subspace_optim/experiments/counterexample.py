@@ -65,6 +65,12 @@ def run(
 #: -23, i.e. f* of that draw is about -23 and GaLore stalls about 2.2 above it.
 PAPER = {"f_star": -23.0, "galore_plateau": -20.8}
 GAP, LR, MOMENTUM, LARGE_BATCH, HYBRID_FRACTION = 100, 1e-2, 0.9, 256, 0.5
+RULES = ("AdamW", "MSGD")
+
+
+def size(quick: bool) -> tuple[int, list[int]]:
+    """(iterations, problem seeds) of the full experiment, or of --quick's toy version."""
+    return (300, [0]) if quick else (3000, [0, 1, 2])
 
 
 def methods(steps: int) -> dict[str, tuple[dict, int]]:
@@ -95,6 +101,19 @@ def _maker(rule: str, settings: dict, holder: dict):
     return make
 
 
+def dry_run(args) -> list[str]:
+    """What main(args) runs: every method with both rules, in this process (no training harness)."""
+    steps, seeds = size(args.quick)
+    return [f"{rule}, {label} (batch {batch}): problem seeds {seeds}, {steps} iterations each"
+            for rule in RULES for label, (_, batch) in methods(steps).items()]
+
+
+def switch_text(switches: dict) -> str:
+    """'AdamW seed 0: step 200, ...' for auto's switch steps by (rule, seed); None: it never switched."""
+    return ", ".join(f"{rule} seed {seed}: " + ("no switch" if step is None else f"step {step}")
+                     for (rule, seed), step in switches.items())
+
+
 def main(args) -> Path:
     import statistics
 
@@ -105,12 +124,11 @@ def main(args) -> Path:
 
     from .report import Report, table
 
-    steps = 300 if args.quick else 3000
-    seeds = [0] if args.quick else [0, 1, 2]
+    steps, seeds = size(args.quick)
     report = Report("counterexample", args.out, args.argv)
     last = 20  # final value = mean of the last 20 evaluations (every 10 steps), as the tests do
     curves, finals, switches = {}, {}, {}
-    for rule in ("AdamW", "MSGD"):
+    for rule in RULES:
         for label, (settings, batch) in methods(steps).items():
             for seed in seeds:
                 holder = {}
@@ -124,7 +142,7 @@ def main(args) -> Path:
 
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.5), sharey=True)
     f_star0 = problem(seed=seeds[0])[2]
-    for ax, rule in zip(axes, ("AdamW", "MSGD")):
+    for ax, rule in zip(axes, RULES):
         for label in methods(steps):
             xs, ys = zip(*curves[rule, label])
             ax.plot(xs, ys, label=label, lw=1.2, ls="--" if "large" in label else "-")
@@ -142,7 +160,7 @@ def main(args) -> Path:
     plt.close(fig)
 
     rows = []
-    for rule in ("AdamW", "MSGD"):
+    for rule in RULES:
         for label in methods(steps):
             values = [finals[rule, label, s] for s in seeds]
             gaps = [v - f for v, f in values]
@@ -151,16 +169,14 @@ def main(args) -> Path:
                      if label == "GaLore (small batch)" else f"≈{PAPER['f_star']} (gap ≈0)")
             rows.append([rule, label, f"{first[0]:.3f}", f"{first[1]:.3f}",
                          " / ".join(f"{g:.3f}" for g in gaps), paper])
-    switch_text = ", ".join(f"{rule} seed {s}: step {switches[rule, s]}" for rule in ("AdamW", "MSGD")
-                            for s in seeds)
     stalled = [finals[r, "GaLore (small batch)", s][0] - finals[r, "GaLore (small batch)", s][1]
-               for r in ("AdamW", "MSGD") for s in seeds]
-    others = [finals[r, lab, s][0] - finals[r, lab, s][1] for r in ("AdamW", "MSGD") for lab in methods(steps)
+               for r in RULES for s in seeds]
+    others = [finals[r, lab, s][0] - finals[r, lab, s][1] for r in RULES for lab in methods(steps)
               if lab != "GaLore (small batch)" for s in seeds]
     # Per rule and seed: how many times GaLore's (small batch) gap exceeds the largest gap of the other methods.
     ratios = [(finals[r, "GaLore (small batch)", s][0] - finals[r, "GaLore (small batch)", s][1])
               / max(max(finals[r, lab, s][0] - finals[r, lab, s][1] for lab in methods(steps)
-                        if lab != "GaLore (small batch)"), 1e-12) for r in ("AdamW", "MSGD") for s in seeds]
+                        if lab != "GaLore (small batch)"), 1e-12) for r in RULES for s in seeds]
     paper_gap = PAPER["galore_plateau"] - PAPER["f_star"]
     if min(ratios) >= 2 and max(others) < 0.1:
         verdict = ("reproduced: GaLore (small batch) alone stalls, by about the paper's amount"
@@ -186,7 +202,7 @@ for the first half, `moments="project"` (the optimizer's default), optimizer see
 {table(["rule", "method", f"final f (seed {seeds[0]})", f"f* (seed {seeds[0]})",
         "gap to f* (seeds " + ", ".join(map(str, seeds)) + ")", "paper: final f"], rows)}
 
-`auto` switched the weight to random projections at: {switch_text} (dash-dotted line in the plot).
+`auto` switched the weight to random projections at: {switch_text(switches)} (dash-dotted line in the plot).
 
 **Verdict: {verdict}.** GaLore with small batches stalls {min(stalled):.2f}–{max(stalled):.2f}
 above f* over both rules and all seeds (paper: about 2.2); every other method ends within {max(others):.3f} of f*

@@ -58,20 +58,25 @@ def _plot(report: Report, results: dict[str, list[dict]]) -> Path:
     return path
 
 
-def main(args) -> Path | None:
-    runs = plan(args.quick)
-    if args.dry_run:
-        for _, _, flags in runs:
-            print(flags_to_cli("finetune", flags))
-        return None
-    report = Report("finetune", args.out, args.argv)
+def run_dirs(args) -> list[tuple[str, int, dict, Path]]:
+    """[(label, seed, harness flags, run folder under --runs)] of the planned runs."""
     root = Path(args.runs) / ("finetune-quick" if args.quick else "finetune")
+    return [(label, seed, flags, root / f"{flags['optimizer'].replace('@', 'at')}-r{flags.get('rank', 'full')}-s{seed}")
+            for label, seed, flags in plan(args.quick)]
+
+
+def dry_run(args) -> list[str]:
+    """The training runs main(args) starts, in order."""
+    return [flags_to_cli("finetune", {**flags, "out": out}) for _, _, flags, out in run_dirs(args)]
+
+
+def main(args) -> Path:
+    runs = plan(args.quick)
+    report = Report("finetune", args.out, args.argv)
     results: dict[str, list[dict]] = {}
-    commands = []
-    for label, seed, flags in runs:
-        key = f"{flags['optimizer'].replace('@', 'at')}-r{flags.get('rank', 'full')}-s{seed}"
-        results.setdefault(label, []).append(harness("finetune", flags, root / key, log=root / f"{key}.log"))
-        commands.append(flags_to_cli("finetune", flags) + f" --out {root / key}")
+    for label, _, flags, out in run_dirs(args):
+        results.setdefault(label, []).append(harness("finetune", flags, out))
+    commands = dry_run(args)
     mib = 2**20
     figure = _plot(report, results)
     rows = []

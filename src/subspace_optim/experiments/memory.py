@@ -74,20 +74,33 @@ def _plot(report: Report, model: str, rank: int, activations: str) -> Path:
     return path
 
 
-def _measured(args, runs: Path) -> tuple[list[list], list[str]]:
-    """Two-step llama-tiny runs through the harness (fp32, SDPA attention) beside the estimate."""
+def plan(args) -> tuple[dict, list[tuple[str, dict, Path]]]:
+    """(batch and seq of the measured runs, [(optimizer, harness flags, run folder)]): short llama-tiny runs
+    through the harness (fp32, SDPA attention), measured beside the estimate."""
     batch, seq, steps = (2, 64, 1) if args.quick else (8, 256, 2)
+    runs = Path(args.runs) / ("memory-quick" if args.quick else "memory")
+    optimizers = [o for o in (("adamw", "rso") if args.quick else ("adamw", "galore", "golore", "rso"))
+                  if o != "rso" or _harness_has("rso")]
+    return {"batch": batch, "seq": seq}, [
+        (o, dict(model="llama-tiny", optimizer=o, steps=steps, batch_size=batch, seq_len=seq, eval_batches=1,
+                 update_gap=50, seed=0), runs / o) for o in optimizers]
+
+
+def dry_run(args) -> list[str]:
+    """The measured runs main(args) starts (the estimates need none)."""
+    return [flags_to_cli("train", {**flags, "out": out}) for _, flags, out in plan(args)[1]]
+
+
+def _measured(args) -> tuple[list[list], list[str]]:
+    """Measured bytes of each planned run beside the estimate, and the runs' commands."""
+    shape, runs = plan(args)
     rows, commands = [], []
-    for optimizer in ("adamw", "rso") if args.quick else ("adamw", "galore", "golore", "rso"):
-        flags = dict(model="llama-tiny", optimizer=optimizer, steps=steps, batch_size=batch, seq_len=seq,
-                     eval_batches=1, update_gap=50, seed=0)
-        if optimizer == "rso" and not _harness_has("rso"):
-            continue
-        summary = harness("train", flags, runs / optimizer, log=runs / f"{optimizer}.log")
+    for optimizer, flags, out in runs:
+        summary = harness("train", flags, out)
         commands.append(flags_to_cli("train", flags))
         measured = summary["memory"]
-        est = estimate("llama-tiny", optimizer, rank=32 if optimizer != "adamw" else None, batch=batch, seq=seq,
-                       dtype="fp32", activations="flash")
+        est = estimate("llama-tiny", optimizer, rank=32 if optimizer != "adamw" else None, batch=shape["batch"],
+                       seq=shape["seq"], dtype="fp32", activations="flash")
         est_state = est["optimizer_state"] + est["projection"]
         for part, m, e in (("weights", measured["weights_bytes"], est["weights"]),
                            ("gradients", measured["gradients_bytes"], est["gradients"]),
@@ -105,7 +118,7 @@ def _harness_has(name: str) -> bool:
 
 def main(args) -> Path:
     report = Report("memory", args.out, args.argv)
-    rows, commands = _measured(args, Path(args.runs) / ("memory-quick" if args.quick else "memory"))
+    rows, commands = _measured(args)
     spec7 = estimate_models()["llama-7b"]
     v = {f"{m}-{a}-{seq}": estimate(m, "adamw", seq=seq, activations=a)
          for m in ("llama-7b", "gpt3-175b") for a in ("full", "checkpoint") for seq in (256, 2048)}

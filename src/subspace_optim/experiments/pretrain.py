@@ -141,18 +141,23 @@ HEADER = ["method", "rank", "lr", "tokens", "val ppl", "× AdamW ppl", "optimize
           "activations (MiB)", "peak RSS (MiB)", "tokens/s"]
 
 
-def main(args) -> Path | None:
+def run_dirs(args) -> tuple[list[Run], dict[str, Path]]:
+    """The planned runs and each one's folder under --runs (by Run.key)."""
     runs = plan(args.scale, args.quick)
-    if args.dry_run:
-        for run in runs:
-            print(flags_to_cli("train", run.flags))
-        return None
-    report = Report("pretrain", args.out, args.argv)
     root = Path(args.runs) / ("pretrain-quick" if args.quick else f"pretrain-{args.scale}")
-    dirs, results = {}, {}
-    for run in runs:
-        dirs[run.key] = root / run.key
-        results[run.key] = harness("train", run.flags, dirs[run.key], log=root / f"{run.key}.log")
+    return runs, {run.key: root / run.key for run in runs}
+
+
+def dry_run(args) -> list[str]:
+    """The training runs main(args) starts, in order."""
+    runs, dirs = run_dirs(args)
+    return [flags_to_cli("train", {**run.flags, "out": dirs[run.key]}) for run in runs]
+
+
+def main(args) -> Path:
+    runs, dirs = run_dirs(args)
+    report = Report("pretrain", args.out, args.argv)
+    results = {run.key: harness("train", run.flags, dirs[run.key]) for run in runs}
 
     def study(name):
         return [r for r in runs if r.study == name]
@@ -170,7 +175,7 @@ def main(args) -> Path | None:
     switch = {r.label: _switch_summary(results[r.key]) for r in methods if r.label == "auto"}
     first = methods[0].flags
     paper_rows = [[m, f"{full:.2f}", f"{ga:.2f}", f"{ga / full:.3f}", r] for m, (full, ga, r) in PAPER.items()]
-    commands = "\n".join(flags_to_cli("train", r.flags) + f" --out {dirs[r.key]}" for r in runs)
+    commands = "\n".join(dry_run(args))
     body = f"""
 Claims: GaLore (Zhao et al. 2024, Table 2) pretrains LLaMA 60M–1B on C4 to within 0.5–2.4% of full-rank Adam's
 validation perplexity with less optimizer memory; GoLore (He et al. 2024) and GoLore@20% match or beat GaLore;

@@ -58,6 +58,21 @@ def refresh_costs(rank: int | None = None, repeats: int = 3, shapes=None) -> lis
     return rows
 
 
+def plan(quick: bool) -> tuple[dict, dict]:
+    """({name: (m, n, rank)}, {name: timed repeats}): GaLore's shapes, or one toy shape for --quick."""
+    if quick:
+        return {"toy": (64, 128, 8)}, {"toy": 1}
+    # the large shapes' full SVDs take minutes on 2 shared cores: time them once, without a warm-up
+    return SHAPES, {"60m": 5, "130m": 3, "350m": 3, "1b": 1, "7b": 1}
+
+
+def dry_run(args) -> list[str]:
+    """What main(args) times, in this process."""
+    sizes, repeats = plan(args.quick)
+    return [f"{name} {m}x{n} r={r}: {', '.join(METHODS)}, median of {repeats[name]}"
+            for name, (m, n, r) in sizes.items()]
+
+
 def main(args) -> Path:
     import matplotlib
 
@@ -67,13 +82,7 @@ def main(args) -> Path:
     # One thread: the machine is shared, and two threads on an oversubscribed machine spin-wait on each other.
     torch.set_num_threads(1)
     report = Report("refresh-cost", args.out, args.argv)
-    if args.quick:
-        sizes = {"toy": (64, 128, 8)}
-        repeats = {"toy": 1}
-    else:
-        sizes = SHAPES
-        # the large shapes' full SVDs take minutes on 2 shared cores: time them once, without a warm-up
-        repeats = {"60m": 5, "130m": 3, "350m": 3, "1b": 1, "7b": 1}
+    sizes, repeats = plan(args.quick)
     results = {}
     for name, (m, n, r) in sizes.items():
         [(_, costs)] = refresh_costs(repeats=repeats[name], shapes=[(m, n, r)])

@@ -41,7 +41,8 @@ def table(header: list[str], rows: list[list]) -> str:
 
 
 class Report:
-    """One experiment's report: ``docs/results/NAME.md`` plus ``NAME*.png`` next to it.
+    """One experiment's report: ``OUT/NAME.md`` plus ``NAME*.png`` next to it (OUT: docs/results for the full
+    experiment, see cli._report_dir).
 
     Created when the experiment starts (the wall-time clock and the commit are read then); ``write`` puts the
     header (command, commit, seeds, wall time, machine) above the experiment's own markdown.
@@ -66,6 +67,8 @@ class Report:
         header = [
             f"# {title}", "",
             f"- command: `{shlex.join(self.argv)}`",
+            *(["- **toy size (`--quick`): this checks that the experiment runs end to end; its numbers mean "
+               "nothing**"] if "--quick" in self.argv else []),
             f"- code: commit `{commit}`{dirty}",
             f"- seeds: {seeds}",
             f"- wall time: {wall / 60:.1f} min ({wall:.0f} s)",
@@ -83,10 +86,10 @@ class Report:
         return path
 
 
-def harness(command: str, flags: dict, out: Path, *, log: Path | None = None) -> dict:
+def harness(command: str, flags: dict, out: Path) -> dict:
     """Run `subspace-optim COMMAND` with ``flags`` (name -> value; True for a bare flag) into ``out`` in a
-    fresh Python process and return its summary.json. A run already finished in ``out`` with the same settings
-    is reused; an unfinished or different one is deleted and run again."""
+    fresh Python process (its output in OUT.log beside it) and return its summary.json. A run already finished
+    in ``out`` with the same settings is reused; an unfinished or different one is deleted and run again."""
     summary = out / "summary.json"
     if summary.is_file() and _same_config(out / "config.json", flags):
         REUSED.append(out)
@@ -99,7 +102,8 @@ def harness(command: str, flags: dict, out: Path, *, log: Path | None = None) ->
     # One thread per run: on a shared, oversubscribed machine two OpenMP threads per process spin-wait on each
     # other and ran about 10x slower (measured: 20-28 vs 240 tokens/s fine-tuning MiniLM).
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    with open(log or os.devnull, "w") as sink:
+    log = out.parent / f"{out.name}.log"
+    with open(log, "w") as sink:
         result = subprocess.run(argv, stdout=sink, stderr=subprocess.STDOUT, env=env)
     if result.returncode != 0:
         raise RuntimeError(f"run failed ({result.returncode}): {shlex.join(argv)}; see {log}")

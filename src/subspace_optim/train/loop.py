@@ -178,7 +178,10 @@ def run(cfg: TrainConfig, given: set[str] = frozenset()) -> dict:
     if hasattr(optimizer, "skipped_steps"):
         summary["skipped_steps"] = optimizer.skipped_steps
     if cfg.optimizer == "auto":
-        summary["switch_steps"] = {str(k): v for k, v in optimizer.switch_steps().items()}
+        # The optimizer keys by parameter index (its param_groups order, as torch's state_dict); a reader needs names.
+        params = [p for group in optimizer.param_groups for p in group["params"]]
+        names = {p: name for name, p in model.named_parameters()}
+        summary["switch_steps"] = {names[params[i]]: step for i, step in optimizer.switch_steps().items()}
     write_json(run_dir / "summary.json", summary)
     plot_losses(run_dir / "metrics.csv", run_dir / "loss.png", f"{cfg.model} · {cfg.optimizer} · {cfg.data}")
     print(f"{run_dir}: " + ", ".join(f"{key} {summary[key]:.4g}" for key in task.summary_keys.values())
