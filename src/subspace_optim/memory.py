@@ -16,6 +16,7 @@ def tensor_bytes(tensors: Iterable[torch.Tensor], exclude: set[int] = frozenset(
     seen: dict[int, int] = {}
     for t in tensors:
         if isinstance(t, torch.Tensor) and t.device.type != "meta":
+            t = t.to_local() if hasattr(t, "to_local") else t  # a DTensor: this process's shard
             storage = t.untyped_storage()
             if storage.data_ptr() not in exclude:
                 seen[storage.data_ptr()] = storage.nbytes()
@@ -23,7 +24,7 @@ def tensor_bytes(tensors: Iterable[torch.Tensor], exclude: set[int] = frozenset(
 
 
 def storage_ids(tensors: Iterable[torch.Tensor]) -> set[int]:
-    return {t.untyped_storage().data_ptr() for t in tensors}
+    return {(t.to_local() if hasattr(t, "to_local") else t).untyped_storage().data_ptr() for t in tensors}
 
 
 def weight_bytes(model: nn.Module) -> int:

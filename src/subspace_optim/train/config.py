@@ -82,6 +82,9 @@ class TrainConfig:
     dtype: str = _f("float32", "parameter dtype (bfloat16: pure bf16 training as in GaLore)",
                     choices=("float32", "bfloat16"))
     device: str = _f("auto", "cpu, cuda, or auto (cuda when available)", choices=("auto", "cpu", "cuda"))
+    distributed: str = _f("none", "none, ddp or fsdp2: train data-parallel over the processes of torchrun "
+                          "(torchrun --nproc_per_node N -m subspace_optim train ... --distributed ddp); "
+                          "--batch-size stays the global batch", choices=("none", "ddp", "fsdp2"))
     seed: int = _f(0, "seed of model init, data order and random projections")
     eval_every: int | None = _f(None, "evaluate every N steps and at the end (0: only at the end)",
                                 type=int)
@@ -93,7 +96,8 @@ class TrainConfig:
     quiet: bool = _f(False, "no progress bar or evaluation lines, only the final report")
 
     # Flags that a resumed run may change; anything else must match the run's config.json.
-    RESUMABLE = ("steps", "eval_every", "eval_batches", "save_every", "quiet", "resume", "device", "checkpointing")
+    RESUMABLE = ("steps", "eval_every", "eval_batches", "save_every", "quiet", "resume", "device", "checkpointing",
+                 "distributed")
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -158,6 +162,15 @@ def resolve(cfg: TrainConfig) -> TrainConfig:
     if cfg.fused_loss and cfg.task != "lm":
         raise UsageError("--fused-loss is for causal-LM training (`subspace-optim train`); a classifier has no "
                          "vocabulary-sized output layer to fuse")
+    if cfg.distributed != "none" and cfg.fused_loss:
+        raise UsageError("--fused-loss calls the model's body and lm_head separately, around the DDP/FSDP2 "
+                         "wrapper that synchronises them: it is single-process only for now")
+    if cfg.distributed == "fsdp2" and cfg.optimizer in ("rso", "galore-torch"):
+        raise UsageError(f"--optimizer {cfg.optimizer} cannot run under --distributed fsdp2 (sharded weights): "
+                         "use --distributed ddp")
+    if cfg.distributed == "ddp" and cfg.layerwise:
+        raise UsageError("--layerwise under --distributed ddp would update from each process's local, unreduced "
+                         "gradient: use --distributed fsdp2, whose hooks see the reduced gradient")
     if cfg.layerwise and cfg.clip:
         raise UsageError("--clip cannot be used with --layerwise: weights are updated inside backward, so no "
                          "global gradient norm exists")

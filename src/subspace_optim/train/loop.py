@@ -15,7 +15,8 @@ from tqdm import tqdm
 
 from ..memory import (SavedActivations, format_report, gradient_bytes, human, optimizer_state_bytes,
                       peak_memory_bytes, weight_bytes)
-from . import checkpoint
+from ..optimizer import SubspaceOptimizer
+from . import checkpoint, parallel
 from .config import TrainConfig, UsageError, load_config, resolve, save_config
 from .finetune import classify_task
 from .models import enable_checkpointing, to_device
@@ -77,8 +78,18 @@ def prepare(cfg: TrainConfig, given: set[str]) -> tuple[TrainConfig, Path, Path 
 def run(cfg: TrainConfig, given: set[str] = frozenset()) -> dict:
     """Train as ``cfg`` says (``given``: the fields the user set) and return the summary."""
     cfg, run_dir, resume_from = prepare(cfg, set(given))
-    device = torch.device(cfg.device if cfg.device != "auto" else "cuda" if torch.cuda.is_available() else "cpu")
-    say = (lambda *a: None) if cfg.quiet else tqdm.write
+    par = parallel.start(cfg.distributed, cfg.device, cfg.batch_size)
+    try:
+        return _train(cfg, run_dir, resume_from, par)
+    finally:
+        par.close()
+
+
+def _train(cfg: TrainConfig, run_dir: Path, resume_from: Path | None, par: parallel.Parallel) -> dict:
+    run_dir = par.same(run_dir)  # the default folder has a time stamp: rank 0's decides
+    cfg.out = cfg.out if cfg.resume else str(run_dir)
+    device = par.device
+    say = (lambda *a: None) if cfg.quiet or not par.main else tqdm.write
 
     # Everything that can reject the user's input happens here, before the run folder is touched.
     torch.manual_seed(cfg.seed)
@@ -88,15 +99,23 @@ def run(cfg: TrainConfig, given: set[str] = frozenset()) -> dict:
         enable_checkpointing(task.model)
     if cfg.rank is None and cfg.optimizer not in ("adamw", "full"):
         cfg.rank = default_rank(task.model)
-    setup = build_optimizer(cfg, to_device(task.model, device, cfg.dtype))
+    model = to_device(task.model, device, cfg.dtype)
+    if par.mode == "fsdp2":  # shard first: the optimizer must hold (and key its state by) the sharded parameters
+        model = par.wrap(model)
+    setup = build_optimizer(cfg, model)
     model, optimizer = setup.model, setup.optimizer
+    if isinstance(optimizer, SubspaceOptimizer):
+        optimizer.process_group = par.optimizer_group  # DDP: each SVD refresh on one rank, broadcast
+    # DDP wraps the final model (RSO has swapped its layers by now); `model` stays the bare module for saving
+    trained = par.wrap(model) if par.mode == "ddp" else model
     schedule = cosine_with_warmup(cfg.warmup, cfg.steps, cfg.min_lr_ratio)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
     identity = {k: getattr(cfg, k) for k in ("task", "model", "optimizer", "rule", "rank", "target", "layerwise")}
 
     start, progress = 0, {"tokens": 0, "train_time": 0.0}
     if resume_from is not None:
-        restored = checkpoint.load(resume_from, model, optimizer, scheduler, task.batches, identity, device)
+        restored = checkpoint.load(resume_from, model, optimizer, scheduler, task.batches, identity, device,
+                                   sharded=par.mode == "fsdp2")
         start, progress = restored["step"], restored["progress"]
         # A larger --steps stretches the schedule: recompute the current lr from the new horizon (a no-op
         # otherwise), and GoLore@x% switches at its share of the extended run.
@@ -105,34 +124,41 @@ def run(cfg: TrainConfig, given: set[str] = frozenset()) -> dict:
         for group in optimizer.param_groups:
             if group.get("total_steps") is not None:
                 group["total_steps"] = cfg.steps
-    run_dir.mkdir(parents=True, exist_ok=True)
-    save_config(cfg, run_dir / "config.json")
-    write_json(run_dir / "info.json", task.info)
     metrics = ["step", "tokens", "loss", "lr", *task.summary_keys, "tokens_per_s", "peak_memory_bytes"]
-    log = MetricsLog(run_dir, metrics, resume_step=start if resume_from else None)
+    if par.main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        save_config(cfg, run_dir / "config.json")
+        write_json(run_dir / "info.json", task.info)
+        log = MetricsLog(run_dir, metrics, resume_step=start if resume_from else None)
+    else:
+        log = parallel.NoLog()
+    if par.world > 1:
+        task.info["processes"] = par.world
     rule = "" if cfg.optimizer == "adamw" else f" ({cfg.rule} rule)"
     say(f"{COMMANDS[cfg.task]} {cfg.model} with {cfg.optimizer}{rule} on {cfg.data} [{device}]: "
         + ", ".join(f"{k} {v}" for k, v in task.info.items() if isinstance(v, int)) + f"; run folder {run_dir}")
 
     memory = {"device": device.type, "weights_bytes": weight_bytes(model)}
     bar = tqdm(total=cfg.steps, initial=start, unit="step", dynamic_ncols=True,
-               disable=cfg.quiet or not sys.stderr.isatty())
+               disable=cfg.quiet or not par.main or not sys.stderr.isatty())
     model.train()
     for step in range(start + 1, cfg.steps + 1):
         t0 = time.perf_counter()
         loss_sum, tokens = 0.0, 0
         for _ in range(cfg.grad_accum):
-            batch = {k: v.to(device) for k, v in next(task.batches).items()}
+            # every process reads the same global batch and trains on its share of it
+            batch = {k: v.to(device) for k, v in par.share(next(task.batches)).items()}
             # activations: what autograd saves during one forward (measured once, on the first micro-batch)
             measure = "activations_bytes" not in memory
             with SavedActivations(model) if measure else nullcontext() as meter:
-                loss = task.loss(model, batch) / cfg.grad_accum
+                loss = task.loss(trained, batch) / cfg.grad_accum
             if measure:
                 meter.add_held(loss)
                 memory["activations_bytes"] = meter.bytes
             loss.backward()
             loss_sum += loss.item()
-            tokens += task.tokens(batch)
+            tokens += par.total(task.tokens(batch))
+        loss_sum = par.mean(loss_sum)
         memory.setdefault("gradients_bytes", gradient_bytes(model))
         if cfg.clip:
             torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.clip)
@@ -150,7 +176,7 @@ def run(cfg: TrainConfig, given: set[str] = frozenset()) -> dict:
                "tokens_per_s": tokens / elapsed, "peak_memory_bytes": peak_memory_bytes(device)}
         if (cfg.eval_every and step % cfg.eval_every == 0) or step == cfg.steps:
             model.eval()
-            row.update(task.evaluate(model))
+            row.update(task.evaluate(trained))
             model.train()
             say(f"step {step}: " + ", ".join(f"{k} {row[k]:.4g}" for k in task.summary_keys))
         log.write(row)
@@ -158,7 +184,7 @@ def run(cfg: TrainConfig, given: set[str] = frozenset()) -> dict:
                          "peak mem": human(row["peak_memory_bytes"])})
         bar.update()
         if (cfg.save_every and step % cfg.save_every == 0) or step == cfg.steps:
-            checkpoint.save(run_dir, step, model, optimizer, scheduler, task.batches, progress, identity)
+            checkpoint.save(run_dir, step, model, optimizer, scheduler, task.batches, progress, identity, par)
     bar.close()
     log.close()
 
@@ -182,6 +208,8 @@ def run(cfg: TrainConfig, given: set[str] = frozenset()) -> dict:
         params = [p for group in optimizer.param_groups for p in group["params"]]
         names = {p: name for name, p in model.named_parameters()}
         summary["switch_steps"] = {names[params[i]]: step for i, step in optimizer.switch_steps().items()}
+    if not par.main:
+        return summary
     write_json(run_dir / "summary.json", summary)
     plot_losses(run_dir / "metrics.csv", run_dir / "loss.png", f"{cfg.model} · {cfg.optimizer} · {cfg.data}")
     print(f"{run_dir}: " + ", ".join(f"{key} {summary[key]:.4g}" for key in task.summary_keys.values())

@@ -76,6 +76,14 @@ class Parallel:
             fully_shard(model)
         return model
 
+    def same(self, value):
+        """Rank 0's ``value`` on every process (e.g. a default run folder, named by the time)."""
+        if self.world == 1:
+            return value
+        box = [value]
+        dist.broadcast_object_list(box, src=0)
+        return box[0]
+
     def barrier(self) -> None:
         if self.world > 1:
             dist.barrier()
@@ -106,3 +114,13 @@ def start(mode: str, device: str, batch_size: int) -> Parallel:
         dist.init_process_group("nccl" if cuda else "gloo")
     where = torch.device("cuda", torch.cuda.current_device()) if cuda else torch.device("cpu")
     return Parallel(mode, dist.get_rank(), world, where)
+
+
+class NoLog:
+    """The metrics log of a process other than rank 0: writes nothing."""
+
+    def write(self, row: dict) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
