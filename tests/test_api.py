@@ -253,6 +253,6 @@ def test_float64_weights_keep_float64_precision(projector):
 
 def test_sparse_gradient_in_layerwise_mode_is_a_clear_error():
     emb = nn.Embedding(10, 4, sparse=True)
-    SubspaceAdamW([{"params": emb.parameters(), "rank": 2}], lr=1e-2, layerwise=True)
+    opt = SubspaceAdamW([{"params": emb.parameters(), "rank": 2}], lr=1e-2, layerwise=True)  # noqa: F841 (kept)
     with pytest.raises(RuntimeError, match="sparse gradients"):
         emb(torch.tensor([1, 2])).sum().backward()

@@ -11,7 +11,7 @@ numbers inside the optimizer's state dict, so ``torch.load(weights_only=True)`` 
 - ``golore``: Haar-uniform P on the Stiefel manifold (GoLore, He et al. 2024); E[P Pᵀ] = (r/d) I, so the
   projected gradient is unbiased up to the factor r/d, which is what makes GoLore converge under noise.
   P depends only on (seed, parameter index, refresh count): it is regenerated, never saved.
-- ``hybrid``: GoLore@x% — GaLore for the first (1 - x) of ``total_steps``, GoLore after (at a refresh).
+- ``hybrid``: GoLore@x% — GaLore for the first (1 - x) of ``total_steps``, GoLore after (at a refresh, for good).
 - ``online_pca``: Online Subspace Descent (Liang et al. 2024): P starts from the SVD of the first gradient and
   takes one step of its own optimizer on L(P) = ‖P Pᵀ Ĝ - Ĝ‖² + λ‖PᵀP - I‖², Ĝ = G/‖G‖, after every update.
 - ``auto``: GaLore while its subspace holds signal; per parameter, switches to GoLore once the signal-to-noise
@@ -26,7 +26,7 @@ import math
 import torch
 from torch import Tensor
 
-from .rules import get_rule
+from .rules import get_rule, scalar
 
 _MASK64 = (1 << 64) - 1
 
@@ -123,8 +123,30 @@ class GoLore(Projector):
         return haar_stiefel(grad.shape[0], group["rank"], key, grad.device), True
 
 
-class Hybrid(Projector):
-    """GoLore@x%: GaLore until (1 - random_fraction) * total_steps, then GoLore from the next refresh on."""
+class Switching(Projector):
+    """GaLore until ``switches`` says so at a refresh, GoLore from then on, for good: the switch is recorded in
+    ``state["switched_at"]`` (the step), so neither a checkpoint nor a changed setting (a longer run) undoes it."""
+
+    def switches(self, state: dict, group: dict) -> bool:
+        raise NotImplementedError
+
+    def is_random(self, state, group):
+        return state.get("switched_at", -1) >= 0 or self.switches(state, group)
+
+    def refresh(self, grad, state, group, key):
+        chosen = GOLORE if self.is_random(state, group) else GALORE
+        return chosen.refresh(grad, state, group, key)
+
+    def commit(self, state, group, random):
+        if random and state.get("switched_at", -1) < 0:
+            state["switched_at"] = state["proj_step"]
+
+
+class Hybrid(Switching):
+    """GoLore@x%: GaLore until (1 - random_fraction) * total_steps, then GoLore from the next refresh on.
+
+    Extending a run (a larger ``total_steps``) moves a switch not yet made to the new share; one already made
+    stays made."""
 
     name = "hybrid"
 
@@ -132,12 +154,8 @@ class Hybrid(Projector):
     def switch_step(group: dict) -> float:
         return (1.0 - group["random_fraction"]) * group["total_steps"]
 
-    def is_random(self, state, group):
+    def switches(self, state, group):
         return state["proj_step"] >= self.switch_step(group)
-
-    def refresh(self, grad, state, group, key):
-        chosen = GOLORE if self.is_random(state, group) else GALORE
-        return chosen.refresh(grad, state, group, key)
 
 
 class OnlinePCA(Projector):
@@ -173,16 +191,18 @@ class OnlinePCA(Projector):
         pca_grad = self.pca_gradient(grad, lowrank, state["basis"], group["pca_lambda"])
         # The projection's step size follows the model's schedule, as in the paper's code: lr_P * lr / lr_0.
         lr = group["pca_lr"] if group["pca_lr"] is not None else 1.0 / group["update_gap"]
-        initial_lr = group.get("initial_lr") or group["lr"]
-        if initial_lr:
-            lr *= group["lr"] / initial_lr
+        initial_lr = group.get("initial_lr")
+        if isinstance(initial_lr, Tensor):  # a tensor lr's schedule: no host sync; lr_0 = 0 keeps P still
+            lr = lr * scalar(group["lr"]) / scalar(initial_lr).clamp_min(torch.finfo(initial_lr.dtype).tiny)
+        elif initial_lr:
+            lr *= scalar(group["lr"]) / initial_lr
         rule = get_rule(group["pca_rule"])
         basis = state["basis"].clone()
         rule([basis], [pca_grad], [state.setdefault("pca", {})], rule.defaults, lr=lr)
         return basis
 
 
-class Auto(Projector):
+class Auto(Switching):
     """GaLore that switches a parameter to GoLore once its SVD subspace holds mostly noise.
 
     Over each refresh period of k steps it accumulates S = Σ R_t and Q = Σ ‖R_t‖²; at the next refresh the
@@ -194,8 +214,8 @@ class Auto(Projector):
 
     name = "auto"
 
-    def is_random(self, state, group):
-        return state.get("switched_at", -1) >= 0 or (self.refresh_due(state, group) and self._noisy(state, group))
+    def switches(self, state, group):
+        return self.refresh_due(state, group) and self._noisy(state, group)
 
     @staticmethod
     def _noisy(state, group) -> bool:
@@ -206,13 +226,8 @@ class Auto(Projector):
         snr = state["snr_sum"].square().sum() / (k * state["snr_sq"]).clamp_min(torch.finfo(torch.float32).tiny)
         return bool(snr < threshold)
 
-    def refresh(self, grad, state, group, key):
-        chosen = GOLORE if self.is_random(state, group) else GALORE
-        return chosen.refresh(grad, state, group, key)
-
     def commit(self, state, group, random):
-        if random and state.get("switched_at", -1) < 0:
-            state["switched_at"] = state["proj_step"]
+        super().commit(state, group, random)
         for name in ("snr_sum", "snr_sq", "snr_count"):
             state.pop(name, None)
 
