@@ -171,6 +171,7 @@ def test_state_bytes_equal_the_analytic_minimum():
         ({"rank": 2, "betas": (0.9, 1.0)}, "betas"),
         ({"rank": 2, "pca_rule": "rmsprop"}, "pca_rule"),
         ({"rank": 2, "nonfinite": "ignore"}, "nonfinite"),
+        ({"rank": 2, "accumulation_steps": 2}, "accumulation_steps=2 needs layerwise=True"),
     ],
 )
 def test_bad_settings_raise_value_error(kwargs, match):

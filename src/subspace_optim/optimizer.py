@@ -403,24 +403,22 @@ class SubspaceOptimizer(Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        if self.layerwise:
-            if hasattr(self, "found_inf"):  # set by GradScaler.step, see _step_supports_amp_scaling
-                raise RuntimeError(
-                    "layer-wise mode cannot be used with a GradScaler: its hooks updated the weights from scaled "
-                    "gradients during backward. Use bf16 autocast (no scaler), or layerwise=False"
-                )
-            if self._skipped_in_step:
-                self._count_skipped()
-                self._skipped_in_step = False
-            return loss
+        if self.layerwise and hasattr(self, "found_inf"):  # set by GradScaler.step, see _step_supports_amp_scaling
+            raise RuntimeError(
+                "layer-wise mode cannot be used with a GradScaler: its hooks updated the weights from scaled "
+                "gradients during backward. Use bf16 autocast (no scaler), or layerwise=False"
+            )
+        # Layer-wise hooks took their gradients in backward; any left were set by hand (e.g. by DCP's zero-gradient
+        # step that creates the state) and take the standard path, unless a hook is still accumulating them.
         works = [
             self._prepare(p, group, p.grad)
             for group in self.param_groups
             for p in group["params"]
-            if p.grad is not None
+            if p.grad is not None and not self.state.get(p, {}).get("micro")
         ]
-        if not self._update(works):
+        if not self._update(works) or self._skipped_in_step:
             self._count_skipped()
+        self._skipped_in_step = False
         return loss
 
     @property
@@ -525,8 +523,11 @@ class SubspaceOptimizer(Optimizer):
         for idx, saved in state_dict["state"].items():
             p = id_map.get(idx)
             if p is not None and isinstance(saved, dict):  # a user's hook may have added other entries
-                _restore_dtypes(self.state[p], saved, p.device)
-                self._check_loaded(p, self.state[p], self._group_of[p])
+                state = self.state[p]
+                for key in [k for k, v in state.items() if isinstance(v, dict) and not v]:
+                    del state[key]  # DCP's flattened loader gives {} for a key the checkpoint lacks (a random basis)
+                _restore_dtypes(state, saved, p.device)
+                self._check_loaded(p, state, self._group_of[p])
 
     def _check_settings(self, saved_groups: list[dict]) -> None:
         for i, (saved, live) in enumerate(zip(saved_groups, self.param_groups)):
@@ -573,7 +574,7 @@ def _restore_dtypes(live: dict, saved: dict, device) -> None:
     for k, v in saved.items():
         if isinstance(v, Tensor) and live[k].dtype != v.dtype:
             live[k] = v.to(device=device, copy=True)
-        elif isinstance(v, dict):
+        elif isinstance(v, dict) and k in live:
             _restore_dtypes(live[k], v, device)
 
 
