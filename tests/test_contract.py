@@ -276,3 +276,22 @@ def test_zero_gradients_leave_parameters_unchanged(config):
         opt.step()
     _assert_same_params(before, params)
     assert opt.state  # the steps did run
+
+
+@pytest.mark.parametrize("config", CONTRACT, ids=repr)
+def test_loaded_state_dict_reads_back_unchanged(config):
+    """torch's state-dict determinism: loading adds nothing (no key of torch's own, like "differentiable"), and a
+    checkpoint from before the groups carried "rule" and "skipped_steps" loads and steps."""
+    params = _params()
+    opt = _make(config, params)
+    _train(opt, params, 3)
+    sd = copy.deepcopy(opt.state_dict())
+    twin_params = [p.detach().clone().requires_grad_() for p in params]
+    twin = _make(config, twin_params)
+    twin.load_state_dict(copy.deepcopy(sd))
+    _assert_same_state(twin.state_dict(), sd)
+    for group in sd["param_groups"]:
+        del group["rule"], group["skipped_steps"]
+    twin.load_state_dict(sd)
+    assert all(g["rule"] == twin.rule_name and g["skipped_steps"] == 0 for g in twin.param_groups)
+    _train(twin, twin_params, 2, start=3)

@@ -157,9 +157,11 @@ class SubspaceOptimizer(Optimizer):
 
     def __setstate__(self, state: dict) -> None:
         super().__setstate__(state)
+        own = SETTINGS.keys() | get_rule(self.rule_name).defaults.keys() | {"rule", "skipped_steps"}
+        own &= self.defaults.keys()  # not torch's own additions ("differentiable")
         for group in self.param_groups:  # a checkpoint from before a setting existed takes its default
-            for key, value in self.defaults.items():
-                group.setdefault(key, value)
+            for key in own:
+                group.setdefault(key, self.defaults[key])
         if "layerwise" in state:  # a copy (pickle, deepcopy); load_state_dict passes only state and param_groups
             self._init_transient()
             self.register_state_dict_post_hook(_drop_regenerable_bases)
