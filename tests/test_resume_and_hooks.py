@@ -93,6 +93,15 @@ def test_a_checkpoint_saved_with_other_settings_is_refused(saved, live, setting)
     assert other.state_dict() == before  # refused before anything was loaded
 
 
+def test_dense_groups_are_checked_for_their_rule_only():
+    model = _model()
+    opt = SubspaceAdamW(model.parameters(), lr=1e-2, projector="galore")
+    _step(model, opt, 0)
+    SubspaceAdamW(model.parameters(), lr=1e-2, projector="golore", seed=3).load_state_dict(opt.state_dict())
+    with pytest.raises(ValueError, match="rule='adamw'"):
+        SubspaceSGD(model.parameters()).load_state_dict(opt.state_dict())
+
+
 def test_strict_false_adopts_the_saved_settings():
     model = _model()
     opt = _opt(model, rank=4)

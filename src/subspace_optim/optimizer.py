@@ -533,7 +533,8 @@ class SubspaceOptimizer(Optimizer):
 
     def _check_settings(self, saved_groups: list[dict]) -> None:
         for i, (saved, live) in enumerate(zip(saved_groups, self.param_groups)):
-            for key in STATE_SETTINGS:
+            dense = saved.get("rank") is None and live.get("rank") is None  # its state depends on the rule only
+            for key in ("rule",) if dense else STATE_SETTINGS:
                 # A missing "rank" means a dense group; any other missing key, a checkpoint older than the setting.
                 if (key in saved or key == "rank") and saved.get(key) != live.get(key):
                     raise ValueError(
