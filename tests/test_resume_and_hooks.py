@@ -170,6 +170,8 @@ def test_one_layerwise_optimizer_per_parameter_until_its_hooks_go():
     model(torch.randn(4, 12)).sum().backward()  # no hooks: nothing moves, the gradients stay
     assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
     assert all(p.grad is not None for p in model.parameters())
+    opt.step()  # which it now steps as without layerwise
+    assert not any(torch.equal(a, b) for a, b in zip(before, model.parameters()))
     opt = _opt(model, layerwise=True)  # the parameters are free again
     del opt
     gc.collect()

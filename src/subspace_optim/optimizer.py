@@ -445,8 +445,9 @@ class SubspaceOptimizer(Optimizer):
             self._hooks.append(p.register_post_accumulate_grad_hook(functools.partial(_run_layerwise_hook, ref)))
 
     def remove_hooks(self) -> None:
-        """Remove the layer-wise hooks: backward no longer updates anything, and another layer-wise optimizer may
-        take these parameters. Done by itself when the optimizer is garbage collected (the hooks hold it weakly)."""
+        """Remove the layer-wise hooks: backward no longer updates anything (step() then steps the gradients it
+        finds, as without layerwise), and another layer-wise optimizer may take these parameters. Done by itself
+        when the optimizer is garbage collected (the hooks hold it weakly)."""
         _remove_handles(self._hooks)
         for p in self._group_of:
             if _HOOK_OWNERS.get(p, lambda: None)() is self:
