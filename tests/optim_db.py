@@ -1,8 +1,11 @@
-"""The table of optimizer configurations that every generic test runs over (torch's optim_db idea).
+"""The tables of optimizer configurations that every generic test runs over (torch's optim_db idea).
 
-A tiny model exercises both projection sides and a flattened 3-D weight:
+CONFIGS (test_optimizer.py): every projector x rule x moments policy on a tiny model that exercises both projection
+sides and a flattened 3-D weight:
   right.weight 24 x 10 (m >= n: right), left.weight 6 x 24 (m < n: left), conv.weight 6 x 3 x 4 (-> 6 x 12, left),
 plus dense biases and a dense embedding.
+CONTRACT (test_contract.py): every public class and alias, dense, projected and layer-wise, against torch.optim's
+contract (copies, hooks, layouts, tensor lr, older checkpoints, bad input).
 """
 
 from __future__ import annotations
@@ -13,7 +16,16 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from subspace_optim import SubspaceAdafactor, SubspaceAdamW, SubspaceLion, SubspaceSGD
+from subspace_optim import (
+    GaLoreAdamW,
+    GoLoreAdamW,
+    GoLoreSGD,
+    OnlineSubspaceAdamW,
+    SubspaceAdafactor,
+    SubspaceAdamW,
+    SubspaceLion,
+    SubspaceSGD,
+)
 
 RANK, GAP, STEPS = 3, 4, 12
 PROJECTORS = ("galore", "golore", "hybrid", "online_pca", "auto")
@@ -86,6 +98,22 @@ PCA_ADAM = Config("online_pca-adamw-pca_adamw", SubspaceAdamW, dict(RULES["adamw
 PCA_ADAM_LAYERWISE = Config("online_pca-adamw-pca_adamw-layerwise", SubspaceAdamW, {**PCA_ADAM.kwargs, "layerwise": True})
 #: Configurations that agree with others only up to rounding are compared with tolerances; these two are not.
 EXACT_ONLY = [PCA_ADAM, PCA_ADAM_LAYERWISE]
+
+
+#: Every public optimizer class and alias, with its settings for the contract tests (SGD on P for online PCA, whose
+#: Adam on P turns rounding-level differences into visible ones: see CONFIGS).
+CLASSES = [
+    (SubspaceAdamW, {"lr": 1e-2}), (SubspaceSGD, {"lr": 5e-2}), (SubspaceAdafactor, {"lr": 1e-2}),
+    (SubspaceLion, {"lr": 1e-3}), (GaLoreAdamW, {"lr": 1e-2}), (GoLoreAdamW, {"lr": 1e-2}),
+    (GoLoreSGD, {"lr": 5e-2}), (OnlineSubspaceAdamW, {"lr": 1e-2, "pca_rule": "sgd", "pca_lr": 0.05}),
+]
+#: rank 2 projects every 2-D parameter of the contract tests' plain parameter lists; a gap of 2 crosses refreshes.
+MODES = {"dense": {}, "projected": {"rank": 2}, "layerwise": {"rank": 2, "layerwise": True}}
+CONTRACT = [
+    Config(f"{cls.__name__}-{mode}", cls, {**hyper, "update_gap": 2, "seed": 5, **extra})
+    for cls, hyper in CLASSES
+    for mode, extra in MODES.items()
+]
 
 
 def train(model, opt, steps, start=0, dtype=torch.float32):

@@ -171,6 +171,7 @@ def test_state_bytes_equal_the_analytic_minimum():
         ({"rank": 2, "betas": (0.9, 1.0)}, "betas"),
         ({"rank": 2, "pca_rule": "rmsprop"}, "pca_rule"),
         ({"rank": 2, "nonfinite": "ignore"}, "nonfinite"),
+        ({"rank": 2, "accumulation_steps": 2}, "accumulation_steps=2 needs layerwise=True"),
     ],
 )
 def test_bad_settings_raise_value_error(kwargs, match):
@@ -253,6 +254,6 @@ def test_float64_weights_keep_float64_precision(projector):
 
 def test_sparse_gradient_in_layerwise_mode_is_a_clear_error():
     emb = nn.Embedding(10, 4, sparse=True)
-    SubspaceAdamW([{"params": emb.parameters(), "rank": 2}], lr=1e-2, layerwise=True)
+    opt = SubspaceAdamW([{"params": emb.parameters(), "rank": 2}], lr=1e-2, layerwise=True)  # noqa: F841 (kept)
     with pytest.raises(RuntimeError, match="sparse gradients"):
         emb(torch.tensor([1, 2])).sum().backward()

@@ -14,8 +14,10 @@ Parameters of groups without ``rank`` (and 1-D ones) take the same rule at full 
 
 from __future__ import annotations
 
+import functools
 import math
 import warnings
+import weakref
 from dataclasses import dataclass
 from functools import partial
 
@@ -23,11 +25,12 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 from torch.optim import Optimizer
+from torch.utils.weak import WeakIdKeyDictionary
 
 from .distributed import LOCAL, Layout, OwnedRefresh, is_dtensor, layout_of, local, run_owned
 from .memory import state_tensors, tensor_bytes
 from .projectors import PROJECTORS, derive_seed, get_projector, haar_stiefel, reset_steps
-from .rules import FIRST_MOMENTS, RULES, SECOND_MOMENTS, get_rule
+from .rules import FIRST_MOMENTS, RULES, SECOND_MOMENTS, get_rule, scalar
 
 __all__ = ["SubspaceOptimizer", "SubspaceAdamW", "SubspaceSGD", "SubspaceAdafactor", "SubspaceLion"]
 
@@ -55,8 +58,14 @@ NONFINITE = ("skip", "raise")
 #: State entries owned by the projection machinery; everything else belongs to the inner rule.
 PROJECTION_KEYS = frozenset(
     {"basis", "random_basis", "proj_step", "refreshes", "switched_at", "snr_sum", "snr_sq", "snr_count", "pca",
-     "acc", "micro"}
+     "acc", "micro", "pending_basis"}
 )
+#: Group settings that give the saved state its meaning (moments live in the subspace they pick, random bases
+#: are regenerated from the seed, the rule and pca_rule name the state's keys): load_state_dict refuses a
+#: checkpoint saved with other values unless told to adopt them (strict=False).
+STATE_SETTINGS = ("rule", "rank", "projector", "side", "seed", "pca_rule")
+#: Parameter -> weak reference to the live layer-wise optimizer whose hooks update it: two would both update it.
+_HOOK_OWNERS = WeakIdKeyDictionary()
 
 
 def _choice(name: str, value, choices) -> None:
@@ -117,7 +126,11 @@ def _read(flags: Tensor) -> list:
 
 
 def _is_zero(lr) -> bool:
-    return bool(lr == 0) if isinstance(lr, Tensor) else lr == 0
+    """Whether an lr is 0, without a device synchronisation: DCP's state initialisation sets a tensor lr to a new
+    host tensor of 0, so a tensor lr on an accelerator is never its lr and is not read."""
+    if isinstance(lr, Tensor):
+        return lr.device.type == "cpu" and lr.reshape(()).tolist() == 0  # a host read, not a device sync
+    return lr == 0
 
 
 def _data_basis(projector, state: dict, group: dict, key: int, grad: Tensor) -> Tensor:
@@ -142,7 +155,11 @@ class SubspaceOptimizer(Optimizer):
       pca_lr (default 1/update_gap), pca_lambda, pca_rule (online_pca).
       layerwise: update each parameter from its post-accumulate-grad hook during backward and free its
         gradient at once; with ``accumulation_steps = k`` the *projected* gradient is accumulated over k
-        micro-batches (full gradients are kept only when a data-dependent refresh needs them).
+        micro-batches (full gradients are kept only when a data-dependent refresh needs them). Outside
+        layer-wise mode accumulate as with torch.optim (k backward passes, then step()): accumulation_steps > 1
+        is refused there. The hooks hold the optimizer weakly: they go with it, or with ``remove_hooks()``;
+        a parameter takes one live layer-wise optimizer at a time. A GradScaler is refused (the hooks would
+        see scaled gradients): use bf16 autocast, which needs none.
       nonfinite: ``"skip"`` (default) leaves every parameter and state untouched when any gradient has a
         NaN/inf and counts it in ``skipped_steps``; ``"raise"`` raises FloatingPointError. In layer-wise mode the
         decision is per parameter, since earlier parameters were already updated when a later gradient arrives.
@@ -167,36 +184,73 @@ class SubspaceOptimizer(Optimizer):
         if unknown:
             raise TypeError(f"{type(self).__name__} got unexpected keyword arguments {sorted(unknown)}")
         _choice("nonfinite", nonfinite, NONFINITE)
-        params = list(params)
-        if rank is not None:
+        if rank is not None and not isinstance(params, Tensor):  # a bare tensor gets torch's TypeError below
+            params = list(params)
             if any(isinstance(p, dict) for p in params):
                 raise ValueError("rank= applies to plain parameters; with param groups, put 'rank' in the groups")
             params = [{"params": params, "rank": rank}]
         self.layerwise = bool(layerwise)
         self.nonfinite = nonfinite
-        self.skipped_steps = 0
-        self._skipped_in_step = False
         self.process_group = process_group
+        self._init_transient()
+        # The rule's name and the skip counter live in every group, so that state_dict (and DCP, which keeps only
+        # "state" and "param_groups") saves them.
+        defaults = {"lr": lr, "weight_decay": weight_decay, **SETTINGS, **rule.defaults, **settings,
+                    "rule": self.rule_name, "skipped_steps": 0}
+        super().__init__(params, defaults)
+        self.register_state_dict_post_hook(_drop_regenerable_bases)
+
+    def _init_transient(self) -> None:
+        """What is not state: the parameter maps (rebuilt from param_groups) and the layer-wise hooks."""
+        self._skipped_in_step = False
         self._index: dict[Tensor, int] = {}
         self._group_of: dict[Tensor, dict] = {}
         self._layouts: dict[Tensor, Layout] = {}
-        defaults = {"lr": lr, "weight_decay": weight_decay, **SETTINGS, **rule.defaults, **settings}
-        super().__init__(params, defaults)
-        self.register_state_dict_post_hook(_drop_regenerable_bases)
-        if self.layerwise:
-            for group in self.param_groups:
-                for p in group["params"]:
-                    _check_layerwise_reduced(p)
-                    p.register_post_accumulate_grad_hook(self._layerwise_hook)
+        self._hooks: list = []
+        weakref.finalize(self, _remove_handles, self._hooks)
+
+    # ------------------------------------------------------------------------------------- copies
+    def __getstate__(self) -> dict:
+        # torch.optim copies only defaults, state and param_groups: add the constructor flags, so that a deepcopy
+        # or a pickle round trip gives an optimizer that steps.
+        return {**super().__getstate__(), "layerwise": self.layerwise, "nonfinite": self.nonfinite}
+
+    def __setstate__(self, state: dict) -> None:
+        super().__setstate__(state)
+        own = SETTINGS.keys() | get_rule(self.rule_name).defaults.keys() | {"rule", "skipped_steps"}
+        own &= self.defaults.keys()  # not torch's own additions ("differentiable")
+        for group in self.param_groups:  # a checkpoint from before a setting existed takes its default
+            for key in own:
+                group.setdefault(key, self.defaults[key])
+        if "layerwise" in state:  # a copy (pickle, deepcopy); load_state_dict passes only state and param_groups
+            self.process_group = None  # not copyable: a copy computes its SVD refreshes itself
+            self._init_transient()
+            self.register_state_dict_post_hook(_drop_regenerable_bases)
+            if self.layerwise:
+                self._hook_params([p for g in self.param_groups for p in g["params"]])
+        self._reindex()
+
+    @property
+    def skipped_steps(self) -> int:
+        """Steps skipped because a gradient was NaN/inf (counted in every param group, so checkpoints keep it)."""
+        return max((g["skipped_steps"] for g in self.param_groups), default=0)
+
+    def _count_skipped(self) -> None:
+        for group in self.param_groups:
+            group["skipped_steps"] += 1
 
     # ----------------------------------------------------------------------------------------- groups
     def add_param_group(self, param_group: dict) -> None:
         super().add_param_group(param_group)
         group = self.param_groups[-1]
-        self._validate(group)
-        for p in group["params"]:
-            self._index.setdefault(p, len(self._index))
-            self._group_of[p] = group
+        try:
+            self._validate(group)
+            if self.layerwise:
+                self._hook_params(group["params"])
+        except Exception:
+            self.param_groups.pop()  # leave the optimizer as it was
+            raise
+        self._reindex()
         if group.get("rank") is not None:
             full = [tuple(p.shape) for p in group["params"] if p.dim() >= 2 and not self._projects(p, group)]
             if full:
@@ -206,16 +260,30 @@ class SubspaceOptimizer(Optimizer):
                     stacklevel=3,
                 )
 
+    def _reindex(self) -> None:
+        """Each parameter's group and index (part of its random bases' key), in param_groups order."""
+        self._group_of = {p: g for g in self.param_groups for p in g["params"]}
+        self._index = {p: i for i, p in enumerate(self._group_of)}
+
     def _validate(self, group: dict) -> None:
         if group.get("rank") is not None:
             _positive_int("rank", group["rank"])
         _positive_int("update_gap", group["update_gap"])
         _positive_int("accumulation_steps", group["accumulation_steps"])
+        if group["accumulation_steps"] > 1 and not self.layerwise:
+            raise ValueError(
+                f"accumulation_steps={group['accumulation_steps']} needs layerwise=True; otherwise accumulate as "
+                "with torch.optim: call backward() on each micro-batch's loss / k, then step() once"
+            )
+        if group["rule"] != self.rule_name:
+            raise ValueError(f"a param group of rule {group['rule']!r} cannot be stepped by {type(self).__name__}")
         _choice("projector", group["projector"], PROJECTORS)
         _choice("moments", group["moments"], MOMENTS)
         _choice("side", group["side"], SIDES)
         _choice("svd", group["svd"], SVD_METHODS)
         _choice("pca_rule", group["pca_rule"], RULES)
+        if isinstance(group["lr"], Tensor) and group["lr"].numel() != 1:
+            raise ValueError("Tensor lr must be 1-element")  # torch.optim's rule and message
         if not group["lr"] >= 0.0:
             raise ValueError(f"Invalid lr: {group['lr']!r}; expected >= 0")
         if not group["weight_decay"] >= 0.0:
@@ -236,8 +304,6 @@ class SubspaceOptimizer(Optimizer):
         for p in group["params"]:
             if p.is_complex():
                 raise ValueError(f"complex parameters are not supported (shape {tuple(p.shape)})")
-            if group.get("rank") is not None and p.dim() >= 2 and not p.is_contiguous():
-                raise ValueError(f"projected parameters must be contiguous (shape {tuple(p.shape)})")
 
     @staticmethod
     def _projects(p: Tensor, group: dict) -> bool:
@@ -406,7 +472,7 @@ class SubspaceOptimizer(Optimizer):
         projected = [w for w in works if w.projected]
         if not projected:
             return
-        lr, weight_decay = group["lr"], group["weight_decay"]
+        lr, weight_decay = scalar(group["lr"]), group["weight_decay"]
         # The rule sees R as the DTensor its state should be (sharded like W, or replicated), so that
         # torch.distributed.checkpoint can save and reshard the state; the projection works on the local parts.
         directions = rule.direction([w.layout.wrap(w.grad) for w in projected], [w.state for w in projected], group)
@@ -422,26 +488,34 @@ class SubspaceOptimizer(Optimizer):
                 w.state["basis"] = new
             w.state["proj_step"] += 1
 
-    def _apply_back(self, p: Tensor, group: dict, basis: Tensor, update: Tensor, alpha: float) -> None:
+    def _apply_back(self, p: Tensor, group: dict, basis: Tensor, update: Tensor, alpha: float | Tensor) -> None:
         """W <- W - alpha * P U (left) or W <- W - alpha * (P U)ᵀ (right) on this rank's rows of W.
 
         A weight in a narrower dtype (bf16) gets the product in float32 a block of rows at a time, so the
-        write-back never holds an m x n float32 temporary, and rounds once, as torch.optim does.
+        write-back never holds an m x n float32 temporary, and rounds once, as torch.optim does. A non-contiguous
+        W (e.g. a parameter made from ``w.t()``) is updated through a contiguous copy written back with ``copy_``;
+        a tensor alpha (tensor lr) scales the small U on the device instead of a host-side number.
         """
-        weight = local(p).view(local(p).shape[0], -1)
+        rows_of_w = local(p)
+        contiguous = rows_of_w.contiguous()
+        weight = contiguous.view(rows_of_w.shape[0], -1)
         left = self._left(p, group)
         basis = basis.to(update.dtype)
+        if isinstance(alpha, Tensor):
+            update, alpha = update * alpha.to(update.dtype), 1.0
         if weight.dtype == basis.dtype:
             if left:
                 weight.addmm_(basis, update, alpha=-alpha)
             else:
                 weight.addmm_(update.T, basis.T, alpha=-alpha)
-            return
-        rows = max(1, _WRITE_BACK_BLOCK // max(1, weight.shape[1]))
-        for start in range(0, weight.shape[0], rows):
-            block = slice(start, start + rows)
-            delta = basis[block] @ update if left else update[:, block].T @ basis.T
-            weight[block].add_(delta, alpha=-alpha)
+        else:
+            rows = max(1, _WRITE_BACK_BLOCK // max(1, weight.shape[1]))
+            for start in range(0, weight.shape[0], rows):
+                block = slice(start, start + rows)
+                delta = basis[block] @ update if left else update[:, block].T @ basis.T
+                weight[block].add_(delta, alpha=-alpha)
+        if contiguous is not rows_of_w:
+            rows_of_w.copy_(contiguous)
 
     def _init_state(self, p: Tensor, group: dict) -> None:
         """Create ``p``'s state as it is before any step, without stepping (no SVD of zeros, no moment update).
@@ -477,19 +551,23 @@ class SubspaceOptimizer(Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        if self.layerwise:
-            if self._skipped_in_step:
-                self.skipped_steps += 1
-                self._skipped_in_step = False
-            return loss
-        live = [(p, group) for group in self.param_groups for p in group["params"] if p.grad is not None]
+        if self.layerwise and hasattr(self, "found_inf"):  # set by GradScaler.step, see _step_supports_amp_scaling
+            raise RuntimeError(
+                "layer-wise mode cannot be used with a GradScaler: its hooks updated the weights from scaled "
+                "gradients during backward. Use bf16 autocast (no scaler), or layerwise=False"
+            )
+        # Layer-wise hooks took their gradients in backward; any left were set by hand (e.g. by DCP's zero-gradient
+        # step that creates the state) and take the standard path, unless a hook is still accumulating them.
+        live = [(p, group) for group in self.param_groups for p in group["params"]
+                if p.grad is not None and not self.state.get(p, {}).get("micro")]
         if self._is_checkpoint_template_step(live):
             for p, group in live:
                 self._init_state(p, group)
             return loss
         works = [self._prepare(p, group, p.grad) for p, group in live]
-        if not self._update(works):
-            self.skipped_steps += 1
+        if not self._update(works) or self._skipped_in_step:
+            self._count_skipped()
+        self._skipped_in_step = False
         return loss
 
     def _is_checkpoint_template_step(self, live: list) -> bool:
@@ -505,6 +583,37 @@ class SubspaceOptimizer(Optimizer):
         if any(is_dtensor(p) for p, _ in live):
             dist.all_reduce(largest, op=dist.ReduceOp.MAX)
         return _read(largest)[0] == 0
+
+    @property
+    def _step_supports_amp_scaling(self) -> bool:
+        """In layer-wise mode, makes GradScaler.step set ``found_inf`` and call step(), which then refuses it (by
+        default the scaler finds no gradients to unscale and fails with a puzzling "No inf checks" error)."""
+        return self.layerwise
+
+    # ---------------------------------------------------------------------------------- layer-wise hooks
+    def _hook_params(self, params: list[Tensor]) -> None:
+        """Register the layer-wise hooks on ``params``, refusing any that another live layer-wise optimizer has."""
+        for p in params:
+            _check_layerwise_reduced(p)
+            owner = _HOOK_OWNERS.get(p, lambda: None)()
+            if owner is not None and owner is not self:
+                raise ValueError(
+                    f"a parameter of shape {tuple(p.shape)} is already updated by another layer-wise optimizer's "
+                    "hooks: call remove_hooks() on that optimizer (or delete it) first"
+                )
+        ref = weakref.ref(self)
+        for p in params:
+            _HOOK_OWNERS[p] = ref
+            self._hooks.append(p.register_post_accumulate_grad_hook(functools.partial(_run_layerwise_hook, ref)))
+
+    def remove_hooks(self) -> None:
+        """Remove the layer-wise hooks: backward no longer updates anything (step() then steps the gradients it
+        finds, as without layerwise), and another layer-wise optimizer may take these parameters. Done by itself
+        when the optimizer is garbage collected (the hooks hold it weakly)."""
+        _remove_handles(self._hooks)
+        for p in self._group_of:
+            if _HOOK_OWNERS.get(p, lambda: None)() is self:
+                del _HOOK_OWNERS[p]
 
     @torch.no_grad()
     def _layerwise_hook(self, p: Tensor) -> None:
@@ -523,17 +632,20 @@ class SubspaceOptimizer(Optimizer):
         else:
             layout = self._layout(p, group)
             if state["micro"] == 1 and projector.refresh_due(state, group):
-                # A data-independent refresh needs no gradient: install it now and accumulate in its basis.
+                # A data-independent refresh needs no gradient: draw it now and accumulate in its basis, but commit
+                # it (moments transported, count advanced) only with the step, as _prepare/_commit do.
                 key = self._key(p, group, state["refreshes"])
-                basis = haar_stiefel(self._dims(p, group)[0], group["rank"], key, local(p).device)
-                self._install(p, state, group, basis, True)
-            lowrank = layout.project(self._basis(p, state, group), self._oriented(p, p.grad, group))
+                d = self._dims(p, group)[0]
+                state["pending_basis"] = haar_stiefel(d, group["rank"], key, local(p).device)
+            basis = state["pending_basis"] if "pending_basis" in state else self._basis(p, state, group)
+            lowrank = layout.project(basis, self._oriented(p, p.grad, group))
             p.grad = None
             state["acc"] = lowrank if "acc" not in state else state["acc"].add_(lowrank)
             if not last:
                 return
             acc = state.pop("acc")
-            works = [_Work(p, group, state, acc, True, layout=layout)]
+            pending = (state.pop("pending_basis"), True) if "pending_basis" in state else None
+            works = [_Work(p, group, state, acc, True, refresh=pending, layout=layout)]
         if not self._update(works):
             self._skipped_in_step = True
         state.pop("acc", None)
@@ -551,26 +663,50 @@ class SubspaceOptimizer(Optimizer):
         return tensor_bytes(t for s in self.state.values() for t in state_tensors(s))
 
     def switch_steps(self) -> dict[int, int]:
-        """For ``projector="auto"``: {parameter index: step at which it switched to random projection}."""
+        """For ``projector="auto"`` or ``"hybrid"``: {parameter index: step at which it switched to random}."""
         return {
-            self._index[p]: s["switched_at"] for p, s in self.state.items() if s.get("switched_at", -1) >= 0
+            self._index[p]: s["switched_at"]
+            for p, s in self.state.items()
+            if isinstance(s, dict) and s.get("switched_at", -1) >= 0 and p in self._index
         }
 
     # ------------------------------------------------------------------------------ state_dict I/O
-    def load_state_dict(self, state_dict: dict) -> None:
+    def load_state_dict(self, state_dict: dict, strict: bool = True) -> None:
         """Load as torch.optim does, but keep each state tensor's saved dtype (projector state stays float32
-        for bf16 parameters) and check that the saved subspace state fits these parameters."""
+        for bf16 parameters) and check that the saved subspace state fits these parameters.
+
+        ``strict`` (default, and what DCP's set_optimizer_state_dict gets): refuse a checkpoint whose groups were
+        saved with other STATE_SETTINGS (rank, projector, side, seed, rule, pca_rule), whose state would be read
+        in another subspace. ``strict=False`` adopts the saved settings, as torch.optim does for every
+        hyper-parameter (lr, betas, ... are always taken from the checkpoint).
+        """
+        if strict:
+            self._check_settings(state_dict["param_groups"])
         super().load_state_dict(state_dict)
-        # saved parameter ids (ints, or FQNs from torch.distributed.checkpoint) map to ours in order, as in torch
-        params = dict(zip((i for g in state_dict["param_groups"] for i in g["params"]),
-                          (p for g in self.param_groups for p in g["params"])))
-        self._group_of = {p: g for g in self.param_groups for p in g["params"]}
         for group in self.param_groups:
             self._validate(group)
+        saved_ids = (i for g in state_dict["param_groups"] for i in g["params"])
+        id_map = dict(zip(saved_ids, (p for g in self.param_groups for p in g["params"])))
         for idx, saved in state_dict["state"].items():
-            p = params[idx]
-            _restore_dtypes(self.state[p], saved, p.device)
-            self._check_loaded(p, self.state[p], self._group_of[p])
+            p = id_map.get(idx)
+            if p is not None and isinstance(saved, dict):  # a user's hook may have added other entries
+                state = self.state[p]
+                for key in [k for k, v in state.items() if isinstance(v, dict) and not v]:
+                    del state[key]  # DCP's flattened loader gives {} for a key the checkpoint lacks (a random basis)
+                _restore_dtypes(state, saved, p.device)
+                self._check_loaded(p, state, self._group_of[p])
+
+    def _check_settings(self, saved_groups: list[dict]) -> None:
+        for i, (saved, live) in enumerate(zip(saved_groups, self.param_groups)):
+            dense = saved.get("rank") is None and live.get("rank") is None  # its state depends on the rule only
+            for key in ("rule",) if dense else STATE_SETTINGS:
+                # A missing "rank" means a dense group; any other missing key, a checkpoint older than the setting.
+                if (key in saved or key == "rank") and saved.get(key) != live.get(key):
+                    raise ValueError(
+                        f"the checkpoint's param group {i} was saved with {key}={saved.get(key)!r}, this optimizer "
+                        f"has {key}={live.get(key)!r}: its state belongs to another {key}. Build the optimizer "
+                        f"with the saved settings, or adopt them with load_state_dict(state_dict, strict=False)"
+                    )
 
     def _check_loaded(self, p: Tensor, state: dict, group: dict) -> None:
         if not self._projects(p, group):
@@ -588,11 +724,24 @@ class SubspaceOptimizer(Optimizer):
                 raise ValueError(f"saved {k} of parameter #{self._index[p]} does not fit its shape")
 
 
+def _run_layerwise_hook(optimizer: weakref.ref, p: Tensor) -> None:
+    """A layer-wise hook holds its optimizer weakly, so that dropping the optimizer drops its hooks too."""
+    live = optimizer()
+    if live is not None:
+        live._layerwise_hook(p)
+
+
+def _remove_handles(handles: list) -> None:
+    for handle in handles:
+        handle.remove()
+    handles.clear()
+
+
 def _restore_dtypes(live: dict, saved: dict, device) -> None:
     for k, v in saved.items():
         if isinstance(v, Tensor) and live[k].dtype != v.dtype:
             live[k] = v.to(device=device, copy=True)
-        elif isinstance(v, dict):
+        elif isinstance(v, dict) and k in live:
             _restore_dtypes(live[k], v, device)
 
 
@@ -604,7 +753,7 @@ def _drop_regenerable_bases(optimizer: Optimizer, state_dict: dict) -> dict:
     always_random = {i for g in state_dict["param_groups"] if PROJECTORS.get(g.get("projector")) is not None
                      and PROJECTORS[g["projector"]].random for i in g["params"]}
     for k, s in list(packed.items()):
-        if k in always_random and isinstance(s, dict) and "basis" in s:
+        if k in always_random and isinstance(s, dict) and "basis" in s:  # a user's hook may add other entries
             packed[k] = {kk: v for kk, v in s.items() if kk != "basis"}
     return state_dict
 

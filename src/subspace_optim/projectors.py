@@ -11,7 +11,7 @@ numbers inside the optimizer's state dict, so ``torch.load(weights_only=True)`` 
 - ``golore``: Haar-uniform P on the Stiefel manifold (GoLore, He et al. 2024); E[P Pᵀ] = (r/d) I, so the
   projected gradient is unbiased up to the factor r/d, which is what makes GoLore converge under noise.
   P depends only on (seed, parameter index, refresh count): it is regenerated, never saved.
-- ``hybrid``: GoLore@x% — GaLore for the first (1 - x) of ``total_steps``, GoLore after (at a refresh).
+- ``hybrid``: GoLore@x% — GaLore for the first (1 - x) of ``total_steps``, GoLore after (at a refresh, for good).
 - ``online_pca``: Online Subspace Descent (Liang et al. 2024): P starts from the SVD of the first gradient and
   takes one step of its own optimizer on L(P) = ‖P Pᵀ Ĝ - Ĝ‖² + λ‖PᵀP - I‖², Ĝ = G/‖G‖, after every update.
 - ``auto``: GaLore while its subspace holds signal; per parameter, switches to GoLore once the signal-to-noise
@@ -27,7 +27,7 @@ import torch
 from torch import Tensor
 
 from .distributed import LOCAL, Layout, local
-from .rules import get_rule
+from .rules import get_rule, scalar
 
 _MASK64 = (1 << 64) - 1
 
@@ -137,8 +137,31 @@ class GoLore(Projector):
         return True
 
 
-class Hybrid(Projector):
-    """GoLore@x%: GaLore until (1 - random_fraction) * total_steps, then GoLore from the next refresh on."""
+class Switching(Projector):
+    """GaLore until it switches at a refresh, GoLore from then on, for good: the switch is recorded in
+    ``state["switched_at"]`` (the step), so neither a checkpoint nor a changed setting (a longer run) undoes it.
+    ``switches`` is a decision known on the host before the gradient (hybrid's step count); a data-dependent one
+    (auto's) is taken in ``settle``, on the device."""
+
+    def switches(self, state: dict, group: dict) -> bool:
+        return False
+
+    def is_random(self, state, group):
+        return state.get("switched_at", -1) >= 0 or self.switches(state, group)
+
+    def refresh(self, grad, state, group, key):
+        return GALORE.refresh(grad, state, group, key)
+
+    def commit(self, state, group, random):
+        if random and state.get("switched_at", -1) < 0:
+            state["switched_at"] = state["proj_step"]
+
+
+class Hybrid(Switching):
+    """GoLore@x%: GaLore until (1 - random_fraction) * total_steps, then GoLore from the next refresh on.
+
+    Extending a run (a larger ``total_steps``) moves a switch not yet made to the new share; one already made
+    stays made."""
 
     name = "hybrid"
 
@@ -146,11 +169,8 @@ class Hybrid(Projector):
     def switch_step(group: dict) -> float:
         return (1.0 - group["random_fraction"]) * group["total_steps"]
 
-    def is_random(self, state, group):
+    def switches(self, state, group):
         return state["proj_step"] >= self.switch_step(group)
-
-    def refresh(self, grad, state, group, key):
-        return GALORE.refresh(grad, state, group, key)
 
 
 class OnlinePCA(Projector):
@@ -209,9 +229,11 @@ class OnlinePCA(Projector):
         pca_grad = self.pca_gradient(grad, lowrank, state["basis"], group["pca_lambda"], layout)
         # The projection's step size follows the model's schedule, as in the paper's code: lr_P * lr / lr_0.
         lr = group["pca_lr"] if group["pca_lr"] is not None else 1.0 / group["update_gap"]
-        initial_lr = group.get("initial_lr") or group["lr"]
-        if initial_lr:
-            lr *= group["lr"] / initial_lr
+        initial_lr = group.get("initial_lr")
+        if isinstance(initial_lr, Tensor):  # a tensor lr's schedule: no host sync; lr_0 = 0 keeps P still
+            lr = lr * scalar(group["lr"]) / scalar(initial_lr).clamp_min(torch.finfo(initial_lr.dtype).tiny)
+        elif initial_lr:
+            lr *= scalar(group["lr"]) / initial_lr
         return self._step_basis(state["basis"], pca_grad, state, group, lr)
 
 
@@ -223,7 +245,7 @@ def reset_steps(state: dict) -> None:
         state["step"] = 0
 
 
-class Auto(Projector):
+class Auto(Switching):
     """GaLore that switches a parameter to GoLore once its SVD subspace holds mostly noise.
 
     Over each refresh period of k steps it accumulates S = Σ R_t and Q = Σ ‖R_t‖²; at the next refresh the
@@ -236,12 +258,6 @@ class Auto(Projector):
     """
 
     name = "auto"
-
-    def is_random(self, state, group):
-        return state.get("switched_at", -1) >= 0
-
-    def refresh(self, grad, state, group, key):
-        return GALORE.refresh(grad, state, group, key)
 
     def settle(self, basis, state, group, key, layout=LOCAL):
         k = state.get("snr_count", 0)
@@ -258,8 +274,7 @@ class Auto(Projector):
         return torch.where(noisy, random, basis), noisy
 
     def commit(self, state, group, random):
-        if random and state.get("switched_at", -1) < 0:
-            state["switched_at"] = state["proj_step"]
+        super().commit(state, group, random)
         if "snr_sum" in state:
             state["snr_sum"].zero_()
             state["snr_sq"].zero_()

@@ -33,37 +33,55 @@ SECOND_MOMENTS = frozenset({"exp_avg_sq", "exp_avg_sq_row"})
 _FUSED_DEVICES = set(_get_fused_kernels_supported_devices())
 
 
+def scalar(x):
+    """A hyper-parameter as a number or a 0-dim tensor: torch accepts any 1-element tensor lr (torch.optim's
+    ``_to_scalar``). A tensor stays a tensor: reading it on the host would stall a GPU."""
+    return x.reshape(()) if isinstance(x, Tensor) else x
+
+
 def _count_step(states: list[dict]) -> None:
     for state in states:
         state["step"] = state.get("step", 0) + 1
 
 
 def _apply(params: list[Tensor], directions: list[Tensor], lr: float, weight_decay: float) -> None:
-    """W <- W - lr * (U + weight_decay * W), decoupled weight decay as in AdamW."""
+    """W <- W - lr * (U + weight_decay * W), decoupled weight decay as in AdamW (lr a number or a 0-dim tensor)."""
     if weight_decay:
         torch._foreach_mul_(params, 1.0 - lr * weight_decay)
-    torch._foreach_add_(params, directions, alpha=-lr)
+    if isinstance(lr, Tensor):  # alpha= takes only numbers
+        torch._foreach_sub_(params, torch._foreach_mul(directions, lr))
+    else:
+        torch._foreach_add_(params, directions, alpha=-lr)
 
 
 def adamw(params, grads, states, *, lr, weight_decay, betas, eps) -> None:
     """AdamW (Kingma & Ba 2015; Loshchilov & Hutter 2019), computed by torch's own (fused where available) kernel.
 
     m <- b1 m + (1-b1) g;  v <- b2 v + (1-b2) g²;  U = (m / (1-b1^t)) / (sqrt(v / (1-b2^t)) + eps).
-    ``step`` is a float tensor, exactly as in torch.optim.AdamW's state.
+    ``step`` is a float tensor on the parameter's device, as in torch.optim.AdamW's fused state; a plain number
+    (older checkpoints) or a step loaded onto another device is converted, as torch.optim.Adam does on load.
+    The fused kernel mishandles tensors of different layouts (a transposed parameter, a strided gradient), so
+    it runs on contiguous copies of those, written back after.
     """
     fused = all(p.device.type in _FUSED_DEVICES for p in params)
     for param, grad, state in zip(params, grads, states):
-        if "step" not in state:
-            # torch.optim's convention: a fused kernel reads ``step`` on the parameter's device, the for-each
-            # path on the host (where it costs no device synchronisation to read)
-            state["step"] = torch.zeros((), dtype=torch.float32, device=param.device if fused else "cpu")
-            state["exp_avg"] = torch.zeros_like(grad, memory_format=torch.preserve_format)
-            state["exp_avg_sq"] = torch.zeros_like(grad, memory_format=torch.preserve_format)
+        if "exp_avg" not in state:
+            state["exp_avg"] = torch.zeros_like(grad, memory_format=torch.contiguous_format)
+            state["exp_avg_sq"] = torch.zeros_like(grad, memory_format=torch.contiguous_format)
+        # torch.optim's convention: a fused kernel reads ``step`` on the parameter's device, the for-each path
+        # on the host (where reading it costs no device synchronisation); a plain number is converted
+        where = param.device if fused else torch.device("cpu")
+        if "step" not in state or not isinstance(state["step"], Tensor) or state["step"].device != where:
+            state["step"] = torch.as_tensor(state.get("step", 0.0), dtype=torch.float32, device=where)
+    exp_avgs, exp_avg_sqs = [s["exp_avg"] for s in states], [s["exp_avg_sq"] for s in states]
+    inputs = [[t.contiguous() for t in ts] for ts in (params, grads, exp_avgs, exp_avg_sqs)]
     torch_adamw(
-        params, grads, [s["exp_avg"] for s in states], [s["exp_avg_sq"] for s in states], [],
-        [s["step"] for s in states], fused=fused, foreach=not fused, amsgrad=False, beta1=betas[0],
+        *inputs, [], [s["step"] for s in states], fused=fused, foreach=not fused, amsgrad=False, beta1=betas[0],
         beta2=betas[1], lr=lr, weight_decay=weight_decay, eps=eps, maximize=False,
     )
+    for original, copy in zip(params + exp_avgs + exp_avg_sqs, inputs[0] + inputs[2] + inputs[3]):
+        if copy is not original:
+            original.copy_(copy)
 
 
 def sgd(params, grads, states, *, lr, weight_decay, momentum, dampening, nesterov) -> None:
@@ -186,7 +204,7 @@ class Rule:
     def __call__(self, params: list[Tensor], grads: list[Tensor], states: list[dict], group: dict, *,
                  lr: float | None = None, weight_decay: float | None = None) -> None:
         """Update ``params`` in place with the hyper-parameters of ``group`` (lr/weight_decay overridable)."""
-        lr = group["lr"] if lr is None else lr
+        lr = scalar(group["lr"] if lr is None else lr)
         weight_decay = group.get("weight_decay", 0.0) if weight_decay is None else weight_decay
         self.fn(params, grads, states, lr=lr, weight_decay=weight_decay, **{k: group[k] for k in self.defaults})
 

@@ -59,7 +59,9 @@ def _ours(cfg: TrainConfig, model: nn.Module, params, **settings) -> Setup:
     extra = {"moments": cfg.moments} if cfg.moments else {}
     optimizer = _rule_class(cfg.rule)(
         params, lr=cfg.lr, weight_decay=cfg.weight_decay, update_gap=cfg.update_gap, scale=cfg.scale,
-        seed=cfg.seed, layerwise=cfg.layerwise, accumulation_steps=cfg.grad_accum, **extra, **settings)
+        seed=cfg.seed, layerwise=cfg.layerwise, **extra, **settings,
+        # the hooks must know when a step's micro-batches are in; otherwise autograd sums them into .grad
+        accumulation_steps=cfg.grad_accum if cfg.layerwise else 1)
     return Setup(model, optimizer)
 
 
