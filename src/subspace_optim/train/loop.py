@@ -19,7 +19,7 @@ from . import checkpoint
 from .config import TrainConfig, UsageError, load_config, resolve, save_config
 from .finetune import classify_task
 from .models import enable_checkpointing, to_device
-from .optimizers import build_optimizer, default_rank
+from .optimizers import check_method, rank_for
 from .pretrain import lm_task
 from .runlog import MetricsLog, plot_losses, write_json
 
@@ -77,6 +77,7 @@ def prepare(cfg: TrainConfig, given: set[str]) -> tuple[TrainConfig, Path, Path 
 def run(cfg: TrainConfig, given: set[str] = frozenset()) -> dict:
     """Train as ``cfg`` says (``given``: the fields the user set) and return the summary."""
     cfg, run_dir, resume_from = prepare(cfg, set(given))
+    method = check_method(cfg)
     device = torch.device(cfg.device if cfg.device != "auto" else "cuda" if torch.cuda.is_available() else "cpu")
     say = (lambda *a: None) if cfg.quiet else tqdm.write
 
@@ -86,9 +87,9 @@ def run(cfg: TrainConfig, given: set[str] = frozenset()) -> dict:
     task = TASKS[cfg.task](cfg)
     if cfg.checkpointing:
         enable_checkpointing(task.model)
-    if cfg.rank is None and cfg.optimizer not in ("adamw", "full"):
-        cfg.rank = default_rank(task.model)
-    setup = build_optimizer(cfg, to_device(task.model, device, cfg.dtype))
+    if method.rank:
+        cfg.rank = rank_for(cfg, task.model)
+    setup = method.build(cfg, to_device(task.model, device, cfg.dtype))
     model, optimizer = setup.model, setup.optimizer
     schedule = cosine_with_warmup(cfg.warmup, cfg.steps, cfg.min_lr_ratio)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
