@@ -1,15 +1,23 @@
 """Checkpoints: weights as safetensors, everything else (optimizer, scheduler, RNG, data position) in state.pt.
 
-A checkpoint is a folder ``checkpoints/step_NNNNNNNN`` written under a temporary name and renamed into place
-with os.replace, so a crash mid-write never leaves a half checkpoint; older ones are removed after.
+A checkpoint is a folder ``checkpoints/step_NNNNNNNN`` written under a temporary name, verified (every record
+of state.pt against the CRC-32 torch computed while writing it, the safetensors file against its own header),
+given a SHA-256 manifest and renamed into place with os.replace; then all but the last ``keep`` checkpoints are
+removed. A crash mid-write never leaves a half checkpoint, a bad write never replaces a good one, and a
+checkpoint damaged later (truncated, garbled) is recognised on --resume, which falls back to an older one.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import random
 import shutil
+import struct
 import tempfile
+import warnings
+import zipfile
 from pathlib import Path
 
 import torch
@@ -18,12 +26,93 @@ from safetensors.torch import load_model, save_model
 from .config import UsageError
 
 FORMAT = 1
-WEIGHTS, STATE = "model.safetensors", "state.pt"
+WEIGHTS, STATE, SUMS = "model.safetensors", "state.pt", "sha256.json"
 
 
-def latest(run_dir: Path) -> Path | None:
-    found = sorted((run_dir / "checkpoints").glob("step_*"))
-    return found[-1] if found else None
+class Unreadable(Exception):
+    """A checkpoint file is missing, truncated or garbled (the message names it and says how)."""
+
+
+def _checkpoints(run_dir: Path) -> list[Path]:
+    """The run's checkpoint folders, oldest first (zero-padded step numbers sort as text)."""
+    return sorted((run_dir / "checkpoints").glob("step_*"))
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        while block := f.read(1 << 20):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _check_safetensors(path: Path) -> None:
+    """The file is as long as its header says (8-byte header size, JSON header, then the tensors' bytes)."""
+    size = path.stat().st_size
+    with path.open("rb") as f:
+        prefix = f.read(8)
+        if len(prefix) < 8:
+            raise Unreadable(f"{path} is truncated ({size} bytes)")
+        (header_size,) = struct.unpack("<Q", prefix)
+        try:
+            header = json.loads(f.read(header_size))
+        except (ValueError, MemoryError):
+            raise Unreadable(f"{path} has no valid safetensors header") from None
+    end = max((entry["data_offsets"][1] for key, entry in header.items() if key != "__metadata__"), default=0)
+    if size != 8 + header_size + end:
+        raise Unreadable(f"{path} is {size} bytes where its header says {8 + header_size + end}")
+
+
+def _check_state(path: Path) -> None:
+    """Every record of the zip archive that torch.save writes matches the CRC-32 computed as it was written."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            bad = archive.testzip()
+    except (OSError, zipfile.BadZipFile, EOFError) as err:
+        raise Unreadable(f"{path} is truncated or not a torch.save archive ({err})") from None
+    if bad is not None:
+        raise Unreadable(f"{path} is corrupt (record {bad} fails its CRC check)")
+
+
+def verify(folder: Path) -> None:
+    """Raise Unreadable unless both files of the checkpoint ``folder`` are whole: their SHA-256 sums when the
+    folder has a manifest (checkpoints written before it existed have none), then their own structure."""
+    for name in (WEIGHTS, STATE):
+        if not (folder / name).is_file():
+            raise Unreadable(f"{folder / name} is missing")
+    if (folder / SUMS).is_file():
+        try:
+            sums = json.loads((folder / SUMS).read_text())
+        except ValueError:
+            raise Unreadable(f"{folder / SUMS} is garbled") from None
+        for name in (WEIGHTS, STATE):
+            if sums.get(name) != _sha256(folder / name):
+                raise Unreadable(f"{folder / name} does not match its SHA-256 in {SUMS} (truncated or garbled)")
+    _check_safetensors(folder / WEIGHTS)
+    _check_state(folder / STATE)
+
+
+def _fsync(path: Path) -> None:
+    with path.open("rb") as f:
+        os.fsync(f.fileno())
+
+
+def latest_readable(run_dir: Path) -> Path | None:
+    """The newest checkpoint that passes ``verify``, with one warning per newer one that does not; None when the
+    run has none; UsageError when it has some and none is readable."""
+    found, problems = _checkpoints(run_dir), []
+    for folder in reversed(found):
+        try:
+            verify(folder)
+        except Unreadable as err:
+            problems.append(str(err))
+            continue
+        for problem in problems:
+            warnings.warn(f"{problem}; resuming from the older checkpoint {folder}")
+        return folder
+    if found:
+        raise UsageError(f"--resume {run_dir}: no readable checkpoint ({'; '.join(problems)})")
+    return None
 
 
 def rng_state() -> dict:
@@ -41,9 +130,10 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def save(run_dir: Path, step: int, model, optimizer, scheduler, batches, progress: dict, identity: dict) -> Path:
-    """Write the checkpoint of ``step``; ``progress`` holds counters (tokens, time), ``identity`` what must
-    match on resume (task, model, optimizer, ...)."""
+def save(run_dir: Path, step: int, model, optimizer, scheduler, batches, progress: dict, identity: dict,
+         keep: int = 2) -> Path:
+    """Write and verify the checkpoint of ``step``, then keep only the last ``keep`` checkpoints up to it.
+    ``progress`` holds counters (tokens, time), ``identity`` what must match on resume (task, model, ...)."""
     folder = run_dir / "checkpoints"
     folder.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=folder))
@@ -51,25 +141,59 @@ def save(run_dir: Path, step: int, model, optimizer, scheduler, batches, progres
     torch.save({"format": FORMAT, "step": step, "identity": identity, "progress": progress,
                 "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                 "data": batches.state_dict(), "rng": rng_state()}, tmp / STATE)
+    for name in (WEIGHTS, STATE):
+        _fsync(tmp / name)
+    try:
+        verify(tmp)
+    except Unreadable as err:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise UsageError(f"the checkpoint of step {step} failed verification after writing, so the older "
+                         f"checkpoints were kept (is the disk full?): {err}") from None
+    (tmp / SUMS).write_text(json.dumps({name: _sha256(tmp / name) for name in (WEIGHTS, STATE)}, indent=1) + "\n")
     final = folder / f"step_{step:08d}"
     if final.exists():
         shutil.rmtree(final)
     os.replace(tmp, final)
+    # Older checkpoints beyond `keep`, and any of later steps (left by the run this one resumed), go; so do
+    # temporary folders of interrupted writes.
+    kept = [p for p in _checkpoints(run_dir) if p <= final][-keep:]
     for old in folder.iterdir():
-        if old != final:
+        if old not in kept:
             shutil.rmtree(old, ignore_errors=True)
     return final
+
+
+def _weights_mismatch(path: Path, model) -> str | None:
+    """One line on how the saved weights differ in shape from ``model``'s, or None if they do not."""
+    from safetensors import safe_open
+
+    expected = {name: tuple(t.shape) for name, t in model.state_dict().items()}
+    with safe_open(str(path), "pt") as f:
+        saved = {name: tuple(f.get_slice(name).get_shape()) for name in f.keys()}
+    differ = sorted(name for name in saved.keys() & expected.keys() if saved[name] != expected[name])
+    if not differ:
+        return None
+    shape = lambda s: "x".join(map(str, s)) or "scalar"  # noqa: E731
+    name = differ[0]
+    return (f"{len(differ)} tensor(s) differ in shape, e.g. {name}: {shape(saved[name])} in the checkpoint, "
+            f"{shape(expected[name])} in the model (another model size?)")
+
+
+def _first_line(err: Exception) -> str:
+    return next((line.strip() for line in str(err).splitlines() if line.strip()), type(err).__name__)
 
 
 def load(path: Path, model, optimizer, scheduler, batches, identity: dict, device: torch.device) -> dict:
     """Restore everything ``save`` wrote into live objects; returns {"step", "progress"}.
 
-    Any failure (truncated file, wrong model shape, different optimizer) is a UsageError naming the checkpoint.
+    Any failure (wrong model shape, different optimizer, a file that is not a checkpoint) is a one-line
+    UsageError naming the checkpoint.
     """
     try:
         state = torch.load(path / STATE, map_location="cpu", weights_only=True)
     except Exception as err:  # a corrupt pickle can raise almost anything
-        raise UsageError(f"checkpoint {path / STATE} is unreadable (corrupt or not a checkpoint): {err}") from None
+        raise UsageError(f"checkpoint {path / STATE} is unreadable (corrupt or not a checkpoint): "
+                         f"{_first_line(err)}") from None
     if not isinstance(state, dict) or state.get("format") != FORMAT:
         raise UsageError(f"checkpoint {path} has an unknown format")
     different = {k: (state["identity"].get(k), v) for k, v in identity.items() if state["identity"].get(k) != v}
@@ -77,9 +201,14 @@ def load(path: Path, model, optimizer, scheduler, batches, identity: dict, devic
         detail = ", ".join(f"{k}: checkpoint {a!r} vs run {b!r}" for k, (a, b) in different.items())
         raise UsageError(f"checkpoint {path} does not match this run ({detail})")
     try:
-        missing, unexpected = load_model(model, str(path / WEIGHTS), strict=False, device=str(device))
+        mismatch = _weights_mismatch(path / WEIGHTS, model)
+        if mismatch is None:
+            missing, unexpected = load_model(model, str(path / WEIGHTS), strict=False, device=str(device))
     except Exception as err:
-        raise UsageError(f"checkpoint weights {path / WEIGHTS} are unreadable or do not fit the model: {err}") from None
+        raise UsageError(f"checkpoint weights {path / WEIGHTS} are unreadable or do not fit the model: "
+                         f"{_first_line(err)}") from None
+    if mismatch is not None:
+        raise UsageError(f"checkpoint weights {path / WEIGHTS} do not fit the model: {mismatch}")
     if missing or unexpected:
         raise UsageError(f"checkpoint weights {path / WEIGHTS} do not fit the model: missing "
                          f"{sorted(missing)[:3]}, unexpected {sorted(unexpected)[:3]}")
@@ -88,6 +217,6 @@ def load(path: Path, model, optimizer, scheduler, batches, identity: dict, devic
         scheduler.load_state_dict(state["scheduler"])
         batches.load_state_dict(state["data"])
     except Exception as err:
-        raise UsageError(f"checkpoint {path} does not match this run's optimizer or data: {err}") from None
+        raise UsageError(f"checkpoint {path} does not match this run's optimizer or data: {_first_line(err)}") from None
     set_rng_state(state["rng"])
     return {"step": state["step"], "progress": state["progress"]}

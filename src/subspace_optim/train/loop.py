@@ -57,7 +57,7 @@ def prepare(cfg: TrainConfig, given: set[str]) -> tuple[TrainConfig, Path, Path 
             setattr(saved, name, getattr(cfg, name))
         saved.resume = str(run_dir)
         cfg = resolve(saved)
-        found = checkpoint.latest(run_dir)
+        found = checkpoint.latest_readable(run_dir)  # warns about newer, damaged ones
         if found is None:
             raise UsageError(f"--resume {run_dir}: the run has no checkpoint yet")
         done = int(found.name.removeprefix("step_"))
@@ -159,7 +159,8 @@ def run(cfg: TrainConfig, given: set[str] = frozenset()) -> dict:
                          "peak mem": human(row["peak_memory_bytes"])})
         bar.update()
         if (cfg.save_every and step % cfg.save_every == 0) or step == cfg.steps:
-            checkpoint.save(run_dir, step, model, optimizer, scheduler, task.batches, progress, identity)
+            checkpoint.save(run_dir, step, model, optimizer, scheduler, task.batches, progress, identity,
+                            keep=cfg.keep_checkpoints)
     bar.close()
     log.close()
 
