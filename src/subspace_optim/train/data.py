@@ -208,18 +208,33 @@ def unit_hash(text: str) -> float:
     return int.from_bytes(hashlib.sha256(text.encode("utf-8")).digest()[:8], "big") / 2**64
 
 
-def split(items: list, fraction: float, text: Callable = lambda x: x) -> tuple[list, list]:
-    """(train, validation) by ``in_validation``; a small corpus that would get no validation document gives
-    it the one with the lowest hash."""
+def split(items: list, fraction: float, text: Callable = lambda x: x, what: str = "documents") -> tuple[list, list]:
+    """(train, validation) by ``in_validation``; a small corpus that would leave a side empty gives it the item
+    with the lowest (validation) or highest (training) hash."""
     train, val = [], []
     for item in items:
         (val if in_validation(text(item), fraction) else train).append(item)
     if not val and len(train) > 1:
-        lowest = min(range(len(train)), key=lambda i: unit_hash(text(train[i])))
-        val.append(train.pop(lowest))
+        val.append(train.pop(min(range(len(train)), key=lambda i: unit_hash(text(train[i])))))
+    if not train and len(val) > 1:
+        train.append(val.pop(max(range(len(val)), key=lambda i: unit_hash(text(val[i])))))
     if not train or not val:
-        raise UsageError(f"need at least two distinct documents to split into train and validation, got {len(items)}")
+        raise UsageError(f"need at least two distinct {what} to split into train and validation, got {len(items)}")
     return train, val
+
+
+#: Tokens per chunk of the token-stream split: a few sequences each, so that the held-out share is close to
+#: --val-fraction even for a short text, and independent of --seq-len, so that it never moves text across sides.
+CHUNK_TOKENS = 1024
+
+
+def split_token_stream(ids: list[int], fraction: float) -> tuple[list[list[int]], list[list[int]]]:
+    """The split of a corpus with a single distinct document (a book with no blank lines, a log), which the
+    document split cannot divide: its token stream cut into chunks of CHUNK_TOKENS tokens, each held out by the
+    same hash rule applied to its token ids. Returns the (train, validation) chunks in stream order."""
+    chunks = [ids[start:start + CHUNK_TOKENS] for start in range(0, len(ids), CHUNK_TOKENS)]
+    return split(chunks, fraction, text=lambda chunk: " ".join(map(str, chunk)),
+                 what=f"chunks of {CHUNK_TOKENS} tokens (the text has a single document)")
 
 
 # ---------------------------------------------------------------- packing and batches
