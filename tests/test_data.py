@@ -163,7 +163,10 @@ def test_hub_path_with_the_real_datasets_json_builder(tmp_path, monkeypatch):
 def test_missing_datasets_package_is_a_usage_error(monkeypatch, capsys):
     monkeypatch.setitem(sys.modules, "datasets", None)  # import datasets -> ImportError
     assert main(["train", "--data", "allenai/c4", "--steps", "1", "--quiet"]) == 2
-    assert "needs the 'hub' extra" in capsys.readouterr().err
+    assert "need the 'hub' extra: pip install 'subspace_optim[hub]'" in capsys.readouterr().err
+    assert main(["train", "--data", "hf:someone/corpus", "--steps", "1", "--quiet"]) == 2
+    err = capsys.readouterr().err  # hf: names the hub alone: no talk of a missing local file
+    assert "hf:someone/corpus: HF datasets need the 'hub' extra: pip install 'subspace_optim[hub]'" in err
 
 
 def test_bbc_news_dir_is_found_without_importing_the_package():

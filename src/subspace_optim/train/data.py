@@ -159,7 +159,14 @@ def read_labeled(spec: str, text_field: str = "text", label_field: str = "label"
     """
     path = local_path(spec)
     if path.is_dir():
-        pairs = [(_read_text(f), f.relative_to(path).parts[0]) for f in _files(path) if f.parent != path]
+        files = _files(path)
+        misplaced = [f.relative_to(path) for f in files if f.parent == path or f.suffix != ".txt"]
+        if misplaced:
+            raise UsageError(f"--data {spec}: finetune reads a folder as one sub-folder of .txt files per class "
+                             f"({path}/<class>/*.txt), but {len(misplaced)} file(s) are not such, e.g. "
+                             f"{misplaced[0]}; move them into class folders, or pass a .jsonl/.csv file with "
+                             "text and label fields")
+        pairs = [(_read_text(f), f.relative_to(path).parts[0]) for f in files]
     else:
         pairs = [(_field(r, text_field, path), _field(r, label_field, path)) for r in _records(path)]
     pairs = [(t.strip(), label) for t, label in pairs if t.strip()]
@@ -175,16 +182,18 @@ def read_labeled(spec: str, text_field: str = "text", label_field: str = "label"
 
 def hub_documents(spec: str, text_field: str = "text") -> Iterator[str]:
     """Stream the ``train`` split of an HF datasets name (``name[:config]``), as GaLore streams C4."""
+    # an owner/name spec may also have been meant as a local path; an hf: spec is the hub's alone
+    local = "" if spec.startswith("hf:") else "no such local file or folder; "
     try:
         import datasets
     except ImportError:
-        raise UsageError(f"--data {spec}: no such local file or folder; as an HF datasets name it needs the "
-                         "'hub' extra (pip install 'subspace_optim[hub]') and a network") from None
+        raise UsageError(f"--data {spec}: {local}HF datasets need the 'hub' extra: pip install "
+                         "'subspace_optim[hub]' (and a network)") from None
     name, _, config = spec.removeprefix("hf:").partition(":")
     try:
         stream = datasets.load_dataset(name, config or HUB_CONFIGS.get(name), split="train", streaming=True)
     except Exception as err:  # network, unknown name, ...: the user's to fix, not a bug to trace
-        raise UsageError(f"--data {spec}: no such local file or folder, and the HF hub cannot load it: {err}") from None
+        raise UsageError(f"--data {spec}: {local}the HF hub cannot load it: {err}") from None
     for record in stream:
         text = record.get(text_field)
         if text is None:

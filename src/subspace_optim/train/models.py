@@ -123,3 +123,7 @@ def enable_checkpointing(model: nn.Module) -> None:
     if not getattr(model, "supports_gradient_checkpointing", False):
         raise UsageError(f"--checkpointing: {type(model).__name__} does not support activation checkpointing")
     model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    for module in model.modules():  # the generation cache is never used in training; left on, HF warns (even
+        config = getattr(module, "config", None)  # under --quiet) that checkpointing turns it off
+        if getattr(config, "use_cache", False):
+            config.use_cache = False
