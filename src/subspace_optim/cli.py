@@ -147,15 +147,10 @@ def _memory(args: argparse.Namespace) -> int:
                        dtype=args.dtype, layerwise=args.layerwise, activations=args.activations)
     except ValueError as err:
         raise UsageError(str(err)) from None
-    rank = ""
-    if args.optimizer != "adamw":
-        from .train.models import default_rank
-
-        rank = default_rank(estimate_models()[args.model].hidden) if args.rank is None else args.rank
-        if est["full_rank_weights"]:
-            warnings.warn(f"rank {rank}: {est['full_rank_weights']} linear weights are not wider than the rank on "
-                          "their reduced side; they are counted at full rank")
-        rank = f", rank {rank}"
+    if est["full_rank_weights"]:
+        warnings.warn(f"rank {est['rank']}: {est['full_rank_weights']} linear weights are not wider than the rank "
+                      "on their reduced side; they are counted at full rank")
+    rank = f", rank {est['rank']}" if est["rank"] else ""
     print(format_estimate(est, f"{args.model} ({est['parameters'] / 1e9:.2f}B parameters), {args.optimizer}{rank}"
                           f"{', layer-wise' if args.layerwise else ''}, batch {args.batch} x {args.seq} tokens, "
                           f"{args.dtype}, activations: {args.activations}"))

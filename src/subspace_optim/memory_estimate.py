@@ -89,8 +89,8 @@ def estimate(model: str | ArchSpec, optimizer: str = "adamw", *, rank: int | Non
     projected (linear) weight, 2 moments per dense parameter (GoLore's basis can be regenerated from a seed,
     but is held while training). rso: frozen weights; gradients and moments only for each B (out x r) and the
     dense parameters. layerwise: each gradient is freed inside backward, so at most the largest one is alive.
-    rank: default ``default_rank(hidden)``; a linear weight that it does not reduce is counted at full rank
-    (``full_rank_weights`` of them), as the optimizer and ``apply_rso`` train it.
+    rank: default ``default_rank(hidden)`` (returned as ``rank``); a linear weight that it does not reduce is
+    counted at full rank (``full_rank_weights`` of them), as the optimizer and ``apply_rso`` train it.
     """
     spec = estimate_models()[model] if isinstance(model, str) else model
     if optimizer not in ESTIMATE_OPTIMIZERS:
@@ -125,7 +125,7 @@ def estimate(model: str | ArchSpec, optimizer: str = "adamw", *, rank: int | Non
     act = activation_bytes(spec, batch, seq, nbytes, activations, rank if optimizer == "rso" else None)
     parts = {"weights": weights * nbytes, "gradients": gradients * nbytes, "optimizer_state": moments * nbytes,
              "projection": bases * nbytes, "activations": act}
-    return {**parts, "total": sum(parts.values()), "parameters": weights,
+    return {**parts, "total": sum(parts.values()), "parameters": weights, "rank": rank,
             "full_rank_weights": len(narrow) if rank is not None else 0}
 
 

@@ -131,7 +131,7 @@ def set_rng_state(state: dict) -> None:
 
 
 def save(run_dir: Path, step: int, model, optimizer, scheduler, batches, progress: dict, identity: dict,
-         keep: int = 2) -> Path:
+         keep: int) -> Path:
     """Write and verify the checkpoint of ``step``, then keep only the last ``keep`` checkpoints up to it.
     ``progress`` holds counters (tokens, time), ``identity`` what must match on resume (task, model, ...)."""
     folder = run_dir / "checkpoints"
