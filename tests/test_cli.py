@@ -47,7 +47,9 @@ def tiny_text(tmp_path):
     (["--data", "no/such/file.txt"], "no such file or folder"),
     (["--data", "{empty}"], "no text found"),
     (["--seq-len", "4096"], "--seq-len 4096 is longer than llama-tiny allows (1024 positions)"),
-    (["--optimizer", "galore", "--rank", "200"], "--rank 200 is larger than layer model.layers.0.self_attn.q_proj"),
+    (["--optimizer", "rso", "--layerwise"], "--layerwise: --optimizer rso cannot update weights inside backward"),
+    (["--optimizer", "full", "--moments", "keep"], "--moments keep: --optimizer full has no subspace moments"),
+    (["--optimizer", "golore", "--rso-eta", "1"], "--rso-eta needs --optimizer rso, not golore"),
     (["--optimizer", "galore", "--layerwise", "--clip", "1.0"], "--clip cannot be used with --layerwise"),
     (["--optimizer", "adamw", "--rule", "lion"], "use --optimizer full"),
     (["--optimizer", "galore", "--target", "nothing_matches"], "selects no nn.Linear"),
@@ -73,6 +75,49 @@ def test_finetune_bad_input(tmp_path, capsys):
     assert "a single class 'x'" in capsys.readouterr().err
     assert main(["finetune", "--model", str(tmp_path)]) == 2
     assert "not a local HF checkpoint folder" in capsys.readouterr().err
+
+
+def test_help_lists_every_method_and_every_default(capsys, monkeypatch):
+    """--optimizer's help comes from the method registry; a default of 0 is shown like any other."""
+    from subspace_optim.train.optimizers import OPTIMIZERS
+
+    monkeypatch.setenv("COLUMNS", "10000")  # one line per flag: argparse would wrap inside "galore-torch"
+
+    for command, zero_defaults in (("train", ["--seed", "--weight-decay", "--save-every"]),
+                                   ("finetune", ["--seed", "--weight-decay", "--save-every", "--eval-batches"])):
+        with pytest.raises(SystemExit):
+            main([command, "--help"])
+        text = capsys.readouterr().out
+        text = text[text.index("options:"):]  # past the usage line
+        optimizer_help = text[text.index("--optimizer OPTIMIZER"):text.index("--rule {")]
+        assert all(f"{name}: " in optimizer_help for name in OPTIMIZERS), optimizer_help
+        for flag in zero_defaults:
+            flag_help = text[text.index(flag + " "):]
+            assert "(default: 0" in flag_help[:flag_help.index(" --", 2)], (command, flag)
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    assert "GoLore@x%," in capsys.readouterr().out
+
+
+def test_dtype_spellings_are_the_same_for_train_and_memory(capsys):
+    parser = build_parser()
+    for spelling, name in (("bf16", "bfloat16"), ("bfloat16", "bfloat16"), ("fp32", "float32")):
+        assert parser.parse_args(["train", "--dtype", spelling]).dtype == name
+        assert parser.parse_args(["finetune", "--dtype", spelling]).dtype == name
+        assert parser.parse_args(["memory", "--dtype", spelling]).dtype == name
+    assert main(["memory", "--model", "llama-tiny", "--dtype", "float32"]) == 0
+    assert "float32" in capsys.readouterr().out
+
+
+def test_rank_not_below_a_layer_trains_it_at_full_rank_with_one_warning(tmp_path, tiny_text, capsys):
+    """The library's rule in the harness too: a weight whose smaller side is not above --rank is trained at full
+    rank, and the run says so in one line."""
+    out = tmp_path / "run"
+    assert main(["train", "--data", tiny_text, "--seq-len", "32", "--steps", "1", "--optimizer", "galore",
+                 "--rank", "200", "--batch-size", "2", "--eval-batches", "1", "--quiet", "--out", str(out)]) == 0
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("subspace-optim train: warning: rank 200 >= min(m, n)")
+    assert "trained at full rank" in err
 
 
 def test_argparse_rejects_bad_choices(capsys):

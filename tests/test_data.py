@@ -10,8 +10,9 @@ import torch
 
 from subspace_optim.cli import main
 from subspace_optim.train.config import TrainConfig, UsageError, resolve
-from subspace_optim.train.data import (ShuffledBatches, StreamBatches, Tokenizer, bbc_news_dir, in_validation,
-                                       pack, read_documents, read_labeled, split)
+from subspace_optim.train.data import (CHUNK_TOKENS, ShuffledBatches, StreamBatches, Tokenizer, bbc_news_dir,
+                                       in_validation, pack, read_documents, read_labeled, split,
+                                       split_token_stream)
 from subspace_optim.train.pretrain import lm_task
 
 
@@ -32,6 +33,36 @@ def test_split_gives_a_small_corpus_one_validation_document():
     assert len(val) == 1 and len(train) == 2
     with pytest.raises(UsageError, match="at least two"):
         split(["only"], 0.5)
+
+
+def test_a_single_document_is_split_by_token_chunks():
+    ids = list(range(200 * CHUNK_TOKENS + 5))
+    train, val = split_token_stream(ids, 0.05)
+    assert 3 <= len(val) <= 20 and len(train) + len(val) == 201
+    assert sorted(t for chunk in train + val for t in chunk) == ids  # every token once, on one side
+    assert all(chunk == sorted(chunk) for chunk in train + val) and val == sorted(val)  # stream order kept
+    assert split_token_stream(ids, 0.05) == (train, val)
+    assert split_token_stream(list(range(CHUNK_TOKENS + 1)), 0.05)[1]  # two chunks: one goes to validation
+    with pytest.raises(UsageError, match="at least two distinct chunks of 1024 tokens"):
+        split_token_stream(list(range(CHUNK_TOKENS)), 0.5)
+
+
+def test_train_on_a_book_with_one_sentence_per_line(tmp_path):
+    """A one-file corpus without blank lines is a single document: `train` splits its token stream instead of
+    refusing it, and info.json says so."""
+    from test_train import tiny_config
+
+    articles = sorted(bbc_news_dir().glob("business/*.txt"))[:60]
+    text = " ".join(a.read_bytes().decode("utf-8", "replace").replace("\n", " ") for a in articles)
+    book = tmp_path / "book.txt"
+    book.write_text("\n".join(s.strip() + "." for s in text.split(". ") if s.strip()) + "\n")
+    assert len(read_documents(str(book))) == 1
+    out = tmp_path / "run"
+    assert main(["train", "--model", tiny_config(tmp_path / "tiny.json"), "--data", str(book), "--steps", "1",
+                 "--seq-len", "64", "--batch-size", "2", "--eval-batches", "1", "--out", str(out), "--quiet"]) == 0
+    info = json.loads((out / "info.json").read_text())
+    assert info["split"] == f"token chunks of {CHUNK_TOKENS} (a single document)"
+    assert info["val_chunks"] >= 1 and info["train_chunks"] > 10 * info["val_chunks"]
 
 
 def test_read_documents_formats(tmp_path):
@@ -132,7 +163,10 @@ def test_hub_path_with_the_real_datasets_json_builder(tmp_path, monkeypatch):
 def test_missing_datasets_package_is_a_usage_error(monkeypatch, capsys):
     monkeypatch.setitem(sys.modules, "datasets", None)  # import datasets -> ImportError
     assert main(["train", "--data", "allenai/c4", "--steps", "1", "--quiet"]) == 2
-    assert "needs the 'hub' extra" in capsys.readouterr().err
+    assert "need the 'hub' extra: pip install 'subspace_optim[hub]'" in capsys.readouterr().err
+    assert main(["train", "--data", "hf:someone/corpus", "--steps", "1", "--quiet"]) == 2
+    err = capsys.readouterr().err  # hf: names the hub alone: no talk of a missing local file
+    assert "hf:someone/corpus: HF datasets need the 'hub' extra: pip install 'subspace_optim[hub]'" in err
 
 
 def test_bbc_news_dir_is_found_without_importing_the_package():

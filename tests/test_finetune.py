@@ -3,6 +3,7 @@
 import json
 
 import pytest
+import torch
 
 from subspace_optim.cli import main
 from subspace_optim.train.finetune import macro_f1
@@ -53,3 +54,31 @@ def test_eval_subset_mixes_the_classes():
     subset = evaluation_subset(val, 32)
     assert len(subset) == 32 and len({y for _, y in subset}) >= 4
     assert evaluation_subset(val, 32) == subset
+
+
+def test_a_folder_without_class_folders_says_what_layout_it_expects(tmp_path, capsys):
+    """Plain .txt files in the folder itself used to be skipped without a word."""
+    for i, label in enumerate(["sport", "tech"] * 3):
+        (tmp_path / label).mkdir(exist_ok=True)
+        (tmp_path / label / f"{i}.txt").write_text(f"{label} article {i}")
+    (tmp_path / "loose.txt").write_text("an article in no class")
+    assert main(["finetune", "--data", str(tmp_path), "--out", str(tmp_path / "run")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "one sub-folder of .txt files per class" in err and "e.g. loose.txt" in err
+
+
+def test_checkpointing_turns_the_generation_cache_off_without_a_warning(monkeypatch):
+    """HF warns, even under --quiet, that checkpointing overrides use_cache=True (MiniLM's config has it)."""
+    from transformers.utils import generic
+
+    from subspace_optim.train.models import build_classifier, enable_checkpointing
+
+    model, tokenizer = build_classifier("minilm", 2)
+    assert model.config.use_cache
+    enable_checkpointing(model)
+    said = []
+    monkeypatch.setattr(generic.logger, "warning_once", lambda message, *a, **k: said.append(message))
+    model.train()
+    batch = tokenizer(["a short text", "another one"], return_tensors="pt", padding=True)
+    model(**batch, labels=torch.tensor([0, 1])).loss.backward()
+    assert not said and not model.config.use_cache

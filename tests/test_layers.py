@@ -239,14 +239,47 @@ def test_autocast_bf16_on_cpu():
     torch.testing.assert_close(model[0].B.grad, ref, atol=0.1, rtol=0.05)
 
 
+def test_autocast_bf16_whole_model_shares_one_projection_per_group():
+    """Under autocast each member casts its input separately; q/k/v (and gate/up) must still compute and save one
+    x Pᵀ, as in fp32: 4 saved projections per decoder layer, in bf16, and B's gradients close to fp32's."""
+    ids = torch.randint(0, 64, (2, 10), generator=torch.Generator().manual_seed(0))
+    model = apply_rso(tiny_llama(), rank=6)
+    with torch.no_grad():
+        for layer in rso_layers(model).values():
+            layer.B.normal_(std=0.1)
+    model(ids, labels=ids).loss.backward()
+    fp32_grads = [layer.B.grad.clone() for layer in rso_layers(model).values()]
+    model.zero_grad()
+
+    rec = SavedRecorder(model, RSOLinear)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = rec.run(lambda: model(ids, labels=ids).loss)
+    loss.backward()
+    params = model_state_storages(model)
+    projections = {t.untyped_storage().data_ptr(): t for who, t in rec.saved
+                   if who is not None and t.shape == (2, 10, 6) and t.untyped_storage().data_ptr() not in params}
+    assert len(projections) == 4 * 2
+    assert all(t.dtype == torch.bfloat16 for t in projections.values())
+    for layer, ref in zip(rso_layers(model).values(), fp32_grads):
+        assert layer.B.grad.dtype == torch.float32
+        torch.testing.assert_close(layer.B.grad, ref, atol=0.05 * ref.abs().max().item(), rtol=0.1)
+
+
+def test_rank_not_below_in_features_leaves_the_layer_dense_with_one_warning():
+    """The optimizers' rule: a layer that the rank would not reduce is trained at full rank, with a warning."""
+    model = tiny_llama()  # in_features 32 for q/k/v/o and gate/up, 48 for down_proj
+    with pytest.warns(UserWarning, match=r"rank 32 >= in_features for 12 layer\(s\).*trained at full rank"):
+        apply_rso(model, rank=32)
+    assert set(rso_layers(model)) == {f"model.layers.{i}.mlp.down_proj" for i in (0, 1)}
+    assert model.model.layers[0].self_attn.q_proj.weight.requires_grad  # a plain nn.Linear, trained as usual
+
+
 # --------------------------------------------------------------------------------- bad input
 def test_bad_inputs_raise_clear_errors():
     model = tiny_llama()
     for rank in (0, -1, 1.5, True):
         with pytest.raises(ValueError, match="rank"):
             apply_rso(model, rank=rank)
-    with pytest.raises(ValueError, match=r"rank=32 must be < in_features.*q_proj"):
-        apply_rso(model, rank=32)  # in_features is 32 for q/k/v/o and gate/up
     with pytest.raises(ValueError, match="no nn.Linear"):
         apply_rso(model, rank=4, target=r"model\.embed_tokens")  # an nn.Embedding
     with pytest.raises(ValueError, match="no nn.Linear"):

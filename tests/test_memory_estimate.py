@@ -3,7 +3,7 @@
 import pytest
 
 from subspace_optim.cli import main
-from subspace_optim.memory import estimate, estimate_models
+from subspace_optim.memory_estimate import estimate, estimate_models
 
 GB = 1e9
 
@@ -71,4 +71,17 @@ def test_memory_command(capsys):
     out = capsys.readouterr().out
     assert "llama-7b" in out and "optimizer state" in out and "total" in out
     assert main(["memory", "--model", "nope"]) == 2
-    assert main(["memory", "--model", "llama-tiny", "--optimizer", "rso", "--rank", "500"]) == 2
+    assert main(["memory", "--model", "llama-tiny", "--optimizer", "rso", "--rank", "0"]) == 2
+
+
+def test_a_rank_too_large_for_a_weight_counts_it_at_full_rank(capsys):
+    """The library's rule: no layer of llama-tiny (hidden 128) is reduced at rank 500, so RSO and GoLore keep
+    AdamW's weights, gradients and moments; the command says so in one warning line."""
+    adam = estimate("llama-tiny", "adamw")
+    for optimizer in ("rso", "golore"):
+        est = estimate("llama-tiny", optimizer, rank=500)
+        assert est["full_rank_weights"] == 7 * 6
+        assert {k: est[k] for k in ("weights", "gradients", "optimizer_state", "activations")} == \
+            {k: adam[k] for k in ("weights", "gradients", "optimizer_state", "activations")}
+    assert main(["memory", "--model", "llama-tiny", "--optimizer", "rso", "--rank", "500"]) == 0
+    assert "warning: rank 500: 42 linear weights" in capsys.readouterr().err

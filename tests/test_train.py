@@ -60,8 +60,7 @@ def metrics(run_dir):
 
 
 def final_weights(run_dir):
-    (step,) = (run_dir / "checkpoints").iterdir()
-    return load_file(step / "model.safetensors")
+    return load_file(sorted((run_dir / "checkpoints").glob("step_*"))[-1] / "model.safetensors")
 
 
 def test_train_writes_the_run_folder(tmp_path, capsys):

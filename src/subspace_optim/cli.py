@@ -6,9 +6,17 @@ import argparse
 import dataclasses
 import json
 import sys
+import warnings
 from pathlib import Path
 
-from .train.config import TASK_DEFAULTS, TrainConfig, UsageError
+from .train.config import DTYPE_NAMES, TASK_DEFAULTS, TrainConfig, UsageError, dtype_name
+
+
+def _methods_help() -> str:
+    """Every training method of the registry, so --help never misses one."""
+    from .train.optimizers import OPTIMIZERS
+
+    return "; ".join(f"{name}: {method.help}" for name, method in OPTIMIZERS.items()).replace("%", "%%")
 
 
 def _add_config_flags(parser: argparse.ArgumentParser, task: str) -> None:
@@ -20,7 +28,10 @@ def _add_config_flags(parser: argparse.ArgumentParser, task: str) -> None:
             continue
         default = TASK_DEFAULTS[task].get(f.name, f.default)
         help_text = meta.get(f"help_{task}", meta["help"])
-        help_text += f" (default: {default})" if default not in (None, False) else ""
+        if f.name == "optimizer":
+            help_text += " (" + _methods_help() + ")"
+        # 0 and 0.0 are defaults too; None means "derived" and False an off switch, shown by neither
+        help_text += f" (default: {default})" if default is not None and default is not False else ""
         kwargs = {"help": help_text, "default": argparse.SUPPRESS}
         if isinstance(f.default, bool):
             kwargs["action"] = "store_true"
@@ -141,16 +152,43 @@ def _reproduce(args: argparse.Namespace) -> int:
 
 
 def _add_memory(parser: argparse.ArgumentParser) -> None:
-    from .memory import add_estimate_arguments
+    from .memory_estimate import ACTIVATION_MODELS, ESTIMATE_OPTIMIZERS, estimate_models
 
-    add_estimate_arguments(parser)
+    parser.add_argument("--model", default="llama-7b", help="named model: " + ", ".join(estimate_models())
+                        + " (default: llama-7b)")
+    parser.add_argument("--optimizer", default="adamw", choices=ESTIMATE_OPTIMIZERS, help="adamw (full rank), "
+                        "galore, golore (projected linear weights) or rso (default: adamw)")
+    parser.add_argument("--rank", type=int, default=None, help="projection rank (default: a quarter of the hidden "
+                        "size); a weight whose reduced side is not larger is counted at full rank")
+    parser.add_argument("--batch", type=int, default=1, help="sequences per step (default: 1)")
+    parser.add_argument("--seq", type=int, default=2048, help="tokens per sequence (default: 2048)")
+    parser.add_argument("--dtype", default="bfloat16", type=dtype_name, choices=sorted(set(DTYPE_NAMES.values())),
+                        help="bytes per number of every tensor, also spelled fp32 / bf16 / fp16 (default: bfloat16)")
+    parser.add_argument("--layerwise", action="store_true", help="per-layer updates inside backward: "
+                        "gradients are freed as they are used")
+    parser.add_argument("--activations", default="full", choices=ACTIVATION_MODELS, help="activation model: "
+                        "full (Korthikanti et al. 2022, no recomputation), flash (no s x s scores), checkpoint "
+                        "(layer inputs + one layer) (default: full)")
 
 
 def _memory(args: argparse.Namespace) -> int:
     """Print the analytic memory breakdown of training a model (no model is built)."""
-    from .memory import estimate_from_args
+    from .memory_estimate import estimate, estimate_models, format_estimate
 
-    print(estimate_from_args(args))
+    if args.model not in estimate_models():
+        raise UsageError(f"unknown model {args.model!r}; expected one of {', '.join(estimate_models())}")
+    try:
+        est = estimate(args.model, args.optimizer, rank=args.rank, batch=args.batch, seq=args.seq,
+                       dtype=args.dtype, layerwise=args.layerwise, activations=args.activations)
+    except ValueError as err:
+        raise UsageError(str(err)) from None
+    if est["full_rank_weights"]:
+        warnings.warn(f"rank {est['rank']}: {est['full_rank_weights']} linear weights are not wider than the rank "
+                      "on their reduced side; they are counted at full rank")
+    rank = f", rank {est['rank']}" if est["rank"] else ""
+    print(format_estimate(est, f"{args.model} ({est['parameters'] / 1e9:.2f}B parameters), {args.optimizer}{rank}"
+                          f"{', layer-wise' if args.layerwise else ''}, batch {args.batch} x {args.seq} tokens, "
+                          f"{args.dtype}, activations: {args.activations}"))
     return 0
 
 
@@ -167,13 +205,23 @@ COMMANDS = {
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="subspace-optim", description="Memory-efficient training by subspace "
-                                     "optimization (GaLore, GoLore, GoLore@x%%, online PCA, auto).")
+                                     "optimization (GaLore, GoLore, GoLore@x%, online PCA, auto, RSO).")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name, (help_text, add_arguments, run) in COMMANDS.items():
         command = sub.add_parser(name, help=help_text, description=help_text)
         add_arguments(command)
         command.set_defaults(run=run)
     return parser
+
+
+def _one_line_warning(command: str):
+    """Warnings (a rank too large for some layers, a checkpoint skipped on resume, ...) as one line on stderr,
+    like errors, instead of Python's two lines with a source path."""
+
+    def show(message, category, filename, lineno, file=None, line=None):
+        print(f"subspace-optim {command}: warning: {message}", file=sys.stderr)
+
+    return show
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -183,7 +231,9 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help(sys.stderr)
         return 2
     try:
-        return args.run(args)
+        with warnings.catch_warnings():
+            warnings.showwarning = _one_line_warning(args.command)
+            return args.run(args)
     except UsageError as err:  # the user's to fix: one line, no traceback
         print(f"subspace-optim {args.command}: error: {err}", file=sys.stderr)
         return 2

@@ -35,6 +35,7 @@ tensor is saved by every member.
 from __future__ import annotations
 
 import math
+import warnings
 import weakref
 from typing import Iterable, Sequence
 
@@ -156,15 +157,18 @@ class RSOProjection(nn.Module):
         """P in ``dtype`` (a copy only under autocast or mixed dtypes)."""
         return self.P if self.P.dtype == dtype else self.P.to(dtype)
 
-    def forward(self, x: Tensor) -> Tensor:
-        """z = x Pᵀ, as data for ∂L/∂B: no autograd graph (∂L/∂x is formed by the layers themselves)."""
-        key = (x._version, torch.is_grad_enabled())
+    def forward(self, x: Tensor, dtype: torch.dtype | None = None) -> Tensor:
+        """z = x Pᵀ in ``dtype`` (default x's), as data for ∂L/∂B: no autograd graph (∂L/∂x is formed by the
+        layers themselves). Under autocast the members pass their input uncast and the autocast dtype, so the
+        cache, keyed by the input itself, still serves every member."""
+        dtype = dtype or x.dtype
+        key = (x._version, torch.is_grad_enabled(), dtype)
         cache = self._cache
         if cache is not None and cache[0]() is x and cache[1] == key:
             z, hits = cache[2], cache[3] + 1
             self._cache = None if hits >= self.members else (cache[0], key, z, hits)
             return z
-        z = F.linear(x.detach(), self.P_as(x.dtype))
+        z = F.linear(x.detach().to(dtype), self.P_as(dtype))
         self._cache = (weakref.ref(x), key, z, 1) if self.members > 1 else None
         return z
 
@@ -208,12 +212,14 @@ class RSOLinear(nn.Module):
         device_type = x.device.type
         if torch.is_autocast_enabled(device_type):
             # Cast like autocast does for nn.Linear, then run the custom ops with autocast off so that
-            # forward and backward see one dtype.
+            # forward and backward see one dtype. z is asked for with the uncast input: each member's cast is a
+            # new tensor, which would make every member compute and save its own x Pᵀ.
             dtype = torch.get_autocast_dtype(device_type)
+            z = self.projection(x, dtype)
             x, weight, B = x.to(dtype), weight.to(dtype), B.to(dtype)
             bias = bias.to(dtype) if bias is not None else None
             with torch.autocast(device_type, enabled=False):
-                return _SubspaceLinear.apply(x, self.projection(x), weight, B, self.projection.P_as(dtype), bias)
+                return _SubspaceLinear.apply(x, z, weight, B, self.projection.P_as(dtype), bias)
         return _SubspaceLinear.apply(x, self.projection(x), weight, B, self.projection.P_as(weight.dtype), bias)
 
     @torch.no_grad()
@@ -243,17 +249,19 @@ def apply_rso(model: nn.Module, rank: int, target="all-linear", seed: int = 0, *
     shared: groups of sibling names that read the same input and get one projection (one P, one saved
     z = x Pᵀ); ``shared=()`` gives every layer its own. Group indices (hence the P's) follow the module
     order, so the same call on the same architecture reproduces them.
-    Raises ValueError for rank <= 0 or rank >= in_features of a targeted layer (no memory would be saved,
-    and P could not have orthonormal rows beyond in_features): lower the rank or narrow the target.
-    Returns ``model``; its function is unchanged (B = 0)."""
+    A targeted layer with in_features <= rank stays an nn.Linear, trained at full rank, with one warning: the
+    optimizers' rule for a weight whose reduced side is not wider than the rank (RSO reduces the input side;
+    it would save no memory there, and P cannot have more orthonormal rows than in_features).
+    Raises ValueError for rank <= 0. Returns ``model``; its function is unchanged (B = 0)."""
     _validate_rank(rank)
     if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**63:
         raise ValueError(f"seed must be an int in [0, 2**63), got {seed!r}")
     targets = dict(target_modules(model, target))
-    too_small = [f"{n} (in_features={m.in_features})" for n, m in targets.items() if rank >= m.in_features]
-    if too_small:
-        raise ValueError(f"rank={rank} must be < in_features of every targeted layer; offending: "
-                         + ", ".join(too_small))
+    narrow = [f"{n} (in_features={m.in_features})" for n, m in targets.items() if rank >= m.in_features]
+    if narrow:
+        warnings.warn(f"rank {rank} >= in_features for {len(narrow)} layer(s) {narrow[:3]}"
+                      f"{'...' if len(narrow) > 3 else ''}: they stay nn.Linear, trained at full rank", stacklevel=2)
+        targets = {n: m for n, m in targets.items() if rank < m.in_features}
     groups_of = {name: i for i, group in enumerate(shared) for name in group}
 
     # Group by (parent, shared-name group, in_features); an unlisted layer is its own group.

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ..memory import estimate, estimate_models
+from ..memory_estimate import estimate, estimate_models
 from .report import Report, flags_to_cli, harness, table
 
 GB = 1e9
@@ -125,7 +125,7 @@ def main(args) -> Path:
     body = f"""
 Claim (the seeds' arithmetic, from GaLore's introduction and the design notes): training LLaMA-7B with Adam in
 BF16 at batch 1 needs 14 (weights) + 14 (gradients) + 28 (Adam moments) + 2 (activations) = 58 GB; GPT-3 175B
-needs 350 + 350 + 700 + ~220 = 1620 GB. Estimator: `subspace-optim memory` (`subspace_optim.memory.estimate`).
+needs 350 + 350 + 700 + ~220 = 1620 GB. Estimator: `subspace-optim memory` (`subspace_optim.memory_estimate.estimate`).
 
 ## The estimator's model
 

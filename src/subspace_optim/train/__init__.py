@@ -2,6 +2,6 @@
 
 from .config import TrainConfig, UsageError
 from .loop import run
-from .optimizers import OPTIMIZERS, Setup, build_optimizer
+from .optimizers import OPTIMIZERS, Method, Setup, build_optimizer
 
-__all__ = ["TrainConfig", "UsageError", "run", "OPTIMIZERS", "Setup", "build_optimizer"]
+__all__ = ["TrainConfig", "UsageError", "run", "OPTIMIZERS", "Method", "Setup", "build_optimizer"]

@@ -1,15 +1,27 @@
 """Checkpoints: weights as safetensors, everything else (optimizer, scheduler, RNG, data position) in state.pt.
 
-A checkpoint is a folder ``checkpoints/step_NNNNNNNN`` written under a temporary name and renamed into place
-with os.replace, so a crash mid-write never leaves a half checkpoint; older ones are removed after.
+A checkpoint is a folder ``checkpoints/step_NNNNNNNN`` written under a temporary name, verified (every record
+of state.pt against the CRC-32 torch computed while writing it, the safetensors file against its own header),
+given a SHA-256 manifest and renamed into place with os.replace; then all but the last ``keep`` checkpoints are
+removed. A crash mid-write never leaves a half checkpoint, a bad write never replaces a good one, and a
+checkpoint damaged later (truncated, garbled) is recognised on --resume, which falls back to an older one.
+
+Under torchrun a DDP run (model and optimizer replicated) is checkpointed by rank 0 alone, in this format; an
+FSDP2 run writes the weights and optimizer state of every shard with torch.distributed.checkpoint into ``dcp/``
+instead of model.safetensors (and state.pt holds the rest): that resumes at any number of processes, or at one.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import random
 import shutil
+import struct
 import tempfile
+import warnings
+import zipfile
 from pathlib import Path
 
 import torch
@@ -18,12 +30,100 @@ from safetensors.torch import load_model, save_model
 from .config import UsageError
 
 FORMAT = 1
-WEIGHTS, STATE, SHARDS = "model.safetensors", "state.pt", "dcp"
+WEIGHTS, STATE, SUMS, SHARDS = "model.safetensors", "state.pt", "sha256.json", "dcp"
 
 
-def latest(run_dir: Path) -> Path | None:
-    found = sorted((run_dir / "checkpoints").glob("step_*"))
-    return found[-1] if found else None
+class Unreadable(Exception):
+    """A checkpoint file is missing, truncated or garbled (the message names it and says how)."""
+
+
+def _checkpoints(run_dir: Path) -> list[Path]:
+    """The run's checkpoint folders, oldest first (zero-padded step numbers sort as text)."""
+    return sorted((run_dir / "checkpoints").glob("step_*"))
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        while block := f.read(1 << 20):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _check_safetensors(path: Path) -> None:
+    """The file is as long as its header says (8-byte header size, JSON header, then the tensors' bytes)."""
+    size = path.stat().st_size
+    with path.open("rb") as f:
+        prefix = f.read(8)
+        if len(prefix) < 8:
+            raise Unreadable(f"{path} is truncated ({size} bytes)")
+        (header_size,) = struct.unpack("<Q", prefix)
+        try:
+            header = json.loads(f.read(header_size))
+        except (ValueError, MemoryError):
+            raise Unreadable(f"{path} has no valid safetensors header") from None
+    end = max((entry["data_offsets"][1] for key, entry in header.items() if key != "__metadata__"), default=0)
+    if size != 8 + header_size + end:
+        raise Unreadable(f"{path} is {size} bytes where its header says {8 + header_size + end}")
+
+
+def _check_state(path: Path) -> None:
+    """Every record of the zip archive that torch.save writes matches the CRC-32 computed as it was written."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            bad = archive.testzip()
+    except (OSError, zipfile.BadZipFile, EOFError) as err:
+        raise Unreadable(f"{path} is truncated or not a torch.save archive ({err})") from None
+    if bad is not None:
+        raise Unreadable(f"{path} is corrupt (record {bad} fails its CRC check)")
+
+
+def _files(folder: Path) -> list[str]:
+    """The checkpoint's files, relative to it: the weights (one file, or DCP's shards) and state.pt."""
+    return sorted(str(p.relative_to(folder)) for p in folder.rglob("*") if p.is_file() and p.name != SUMS)
+
+
+def verify(folder: Path) -> None:
+    """Raise Unreadable unless the checkpoint ``folder`` is whole: every file's SHA-256 when the folder has a
+    manifest (checkpoints written before it existed have none), then the files' own structure."""
+    sharded = (folder / SHARDS).is_dir()
+    for name in (STATE, f"{SHARDS}/.metadata" if sharded else WEIGHTS):
+        if not (folder / name).is_file():
+            raise Unreadable(f"{folder / name} is missing")
+    if (folder / SUMS).is_file():
+        try:
+            sums = json.loads((folder / SUMS).read_text())
+        except ValueError:
+            raise Unreadable(f"{folder / SUMS} is garbled") from None
+        for name in sums.keys() | set(_files(folder)):
+            if not (folder / name).is_file() or sums.get(name) != _sha256(folder / name):
+                raise Unreadable(f"{folder / name} does not match its SHA-256 in {SUMS} (truncated or garbled)")
+    if not sharded:
+        _check_safetensors(folder / WEIGHTS)
+    _check_state(folder / STATE)
+
+
+def _fsync(path: Path) -> None:
+    with path.open("rb") as f:
+        os.fsync(f.fileno())
+
+
+def latest_readable(run_dir: Path) -> Path | None:
+    """The newest checkpoint that passes ``verify``, with one warning per newer one that does not; None when the
+    run has none; UsageError when it has some and none is readable."""
+    found, problems = _checkpoints(run_dir), []
+    for folder in reversed(found):
+        try:
+            verify(folder)
+        except Unreadable as err:
+            problems.append(str(err))
+            continue
+        for problem in problems:
+            warnings.warn(f"{problem}; resuming from the older checkpoint {folder}")
+        return folder
+    if found:
+        raise UsageError(f"--resume {run_dir}: no readable checkpoint ({'; '.join(problems)})")
+    return None
 
 
 def rng_state() -> dict:
@@ -42,43 +142,57 @@ def set_rng_state(state: dict) -> None:
 
 
 def save(run_dir: Path, step: int, model, optimizer, scheduler, batches, progress: dict, identity: dict,
-         par=None) -> Path:
-    """Write the checkpoint of ``step``; ``progress`` holds counters (tokens, time), ``identity`` what must
-    match on resume (task, model, optimizer, ...). Under torchrun (``par``): DDP's replicated model and optimizer
-    are written by rank 0; FSDP2's shards by every process, with torch.distributed.checkpoint (``dcp/``)."""
+         par=None, keep: int = 2) -> Path:
+    """Write and verify the checkpoint of ``step``, then keep only the last ``keep`` checkpoints up to it.
+    ``progress`` holds counters (tokens, time), ``identity`` what must match on resume (task, model, ...).
+    Under torchrun (``par``) every process calls it: DDP's rank 0 writes; FSDP2's ranks all write their shards."""
     folder = run_dir / "checkpoints"
     final = folder / f"step_{step:08d}"
     sharded = par is not None and par.mode == "fsdp2"
-    if par is not None and not par.main and not sharded:
-        par.barrier()
-        return final
+    main = par is None or par.main
     state = {"format": FORMAT, "step": step, "identity": identity, "progress": progress,
              "scheduler": scheduler.state_dict(), "data": batches.state_dict(), "rng": rng_state()}
-    if sharded:
-        tmp = folder / f".tmp-step_{step:08d}"  # the same name on every process
-        if par.main:
-            shutil.rmtree(tmp, ignore_errors=True)
-            tmp.mkdir(parents=True)
-        par.barrier()
-        _save_shards(tmp / SHARDS, model, optimizer)
-        if not par.main:
+    try:
+        if sharded:
+            tmp = folder / f".tmp-step_{step:08d}"  # the same name on every process
+            if main:
+                shutil.rmtree(tmp, ignore_errors=True)
+                tmp.mkdir(parents=True)
             par.barrier()
-            return final
-    else:
-        folder.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=folder))
-        save_model(model, str(tmp / WEIGHTS))  # drops duplicate names of tied weights; load_model restores them
-        state["optimizer"] = optimizer.state_dict()
+            _save_shards(tmp / SHARDS, model, optimizer)  # returns on every rank once the metadata is written
+        elif main:
+            folder.mkdir(parents=True, exist_ok=True)
+            tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=folder))
+            save_model(model, str(tmp / WEIGHTS))  # drops duplicate names of tied weights; load_model restores them
+            state["optimizer"] = optimizer.state_dict()
+        if main:
+            _commit(tmp, final, folder, state, step, keep, run_dir)
+    finally:
+        if par is not None:
+            par.barrier()  # nobody goes on (or resumes) before the checkpoint is in place
+    return final
+
+
+def _commit(tmp: Path, final: Path, folder: Path, state: dict, step: int, keep: int, run_dir: Path) -> None:
     torch.save(state, tmp / STATE)
+    for name in _files(tmp):
+        _fsync(tmp / name)
+    try:
+        verify(tmp)
+    except Unreadable as err:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise UsageError(f"the checkpoint of step {step} failed verification after writing, so the older "
+                         f"checkpoints were kept (is the disk full?): {err}") from None
+    (tmp / SUMS).write_text(json.dumps({name: _sha256(tmp / name) for name in _files(tmp)}, indent=1) + "\n")
     if final.exists():
         shutil.rmtree(final)
     os.replace(tmp, final)
+    # Older checkpoints beyond `keep`, and any of later steps (left by the run this one resumed), go; so do
+    # temporary folders of interrupted writes.
+    kept = [p for p in _checkpoints(run_dir) if p <= final][-keep:]
     for old in folder.iterdir():
-        if old != final:
+        if old not in kept:
             shutil.rmtree(old, ignore_errors=True)
-    if par is not None:
-        par.barrier()
-    return final
 
 
 def _save_shards(path: Path, model, optimizer) -> None:
@@ -102,18 +216,39 @@ def _load_shards(path: Path, model, optimizer) -> None:
     set_optimizer_state_dict(model, optimizer, state["optimizer"])
 
 
+def _weights_mismatch(path: Path, model) -> str | None:
+    """One line on how the saved weights differ in shape from ``model``'s, or None if they do not."""
+    from safetensors import safe_open
+
+    expected = {name: tuple(t.shape) for name, t in model.state_dict().items()}
+    with safe_open(str(path), "pt") as f:
+        saved = {name: tuple(f.get_slice(name).get_shape()) for name in f.keys()}
+    differ = sorted(name for name in saved.keys() & expected.keys() if saved[name] != expected[name])
+    if not differ:
+        return None
+    shape = lambda s: "x".join(map(str, s)) or "scalar"  # noqa: E731
+    name = differ[0]
+    return (f"{len(differ)} tensor(s) differ in shape, e.g. {name}: {shape(saved[name])} in the checkpoint, "
+            f"{shape(expected[name])} in the model (another model size?)")
+
+
+def _first_line(err: Exception) -> str:
+    return next((line.strip() for line in str(err).splitlines() if line.strip()), type(err).__name__)
+
+
 def load(path: Path, model, optimizer, scheduler, batches, identity: dict, device: torch.device,
          sharded: bool = False) -> dict:
     """Restore everything ``save`` wrote into live objects; returns {"step", "progress"}.
 
-    Any failure (truncated file, wrong model shape, different optimizer) is a UsageError naming the checkpoint.
-    A checkpoint of FSDP2 shards (``dcp/``) resumes at any number of processes, sharded or not; one written by
-    a single process or DDP resumes without FSDP2 (``sharded`` False).
+    Any failure (wrong model shape, different optimizer, a file that is not a checkpoint) is a one-line
+    UsageError naming the checkpoint. A checkpoint of FSDP2 shards (``dcp/``) resumes at any number of processes,
+    sharded or not; one written by a single process or DDP resumes without FSDP2 (``sharded`` False).
     """
     try:
         state = torch.load(path / STATE, map_location="cpu", weights_only=True)
     except Exception as err:  # a corrupt pickle can raise almost anything
-        raise UsageError(f"checkpoint {path / STATE} is unreadable (corrupt or not a checkpoint): {err}") from None
+        raise UsageError(f"checkpoint {path / STATE} is unreadable (corrupt or not a checkpoint): "
+                         f"{_first_line(err)}") from None
     if not isinstance(state, dict) or state.get("format") != FORMAT:
         raise UsageError(f"checkpoint {path} has an unknown format")
     different = {k: (state["identity"].get(k), v) for k, v in identity.items() if state["identity"].get(k) != v}
@@ -126,16 +261,21 @@ def load(path: Path, model, optimizer, scheduler, batches, identity: dict, devic
             scheduler.load_state_dict(state["scheduler"])
             batches.load_state_dict(state["data"])
         except Exception as err:
-            raise UsageError(f"checkpoint {path / SHARDS} does not match this run: {err}") from None
+            raise UsageError(f"checkpoint {path / SHARDS} does not match this run: {_first_line(err)}") from None
         set_rng_state(state["rng"])
         return {"step": state["step"], "progress": state["progress"]}
     if sharded:
         raise UsageError(f"checkpoint {path} was written by a single process or DDP: resume it with "
                          "--distributed none or ddp")
     try:
-        missing, unexpected = load_model(model, str(path / WEIGHTS), strict=False, device=str(device))
+        mismatch = _weights_mismatch(path / WEIGHTS, model)
+        if mismatch is None:
+            missing, unexpected = load_model(model, str(path / WEIGHTS), strict=False, device=str(device))
     except Exception as err:
-        raise UsageError(f"checkpoint weights {path / WEIGHTS} are unreadable or do not fit the model: {err}") from None
+        raise UsageError(f"checkpoint weights {path / WEIGHTS} are unreadable or do not fit the model: "
+                         f"{_first_line(err)}") from None
+    if mismatch is not None:
+        raise UsageError(f"checkpoint weights {path / WEIGHTS} do not fit the model: {mismatch}")
     if missing or unexpected:
         raise UsageError(f"checkpoint weights {path / WEIGHTS} do not fit the model: missing "
                          f"{sorted(missing)[:3]}, unexpected {sorted(unexpected)[:3]}")
@@ -144,6 +284,6 @@ def load(path: Path, model, optimizer, scheduler, batches, identity: dict, devic
         scheduler.load_state_dict(state["scheduler"])
         batches.load_state_dict(state["data"])
     except Exception as err:
-        raise UsageError(f"checkpoint {path} does not match this run's optimizer or data: {err}") from None
+        raise UsageError(f"checkpoint {path} does not match this run's optimizer or data: {_first_line(err)}") from None
     set_rng_state(state["rng"])
     return {"step": state["step"], "progress": state["progress"]}

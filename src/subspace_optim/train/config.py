@@ -1,10 +1,13 @@
-"""The one run configuration: every CLI flag is a field here, with its help text and default."""
+"""The one run configuration: every CLI flag is a field here, with its help text and default.
+
+This module knows no training method: what each --optimizer accepts is its entry in ``optimizers.OPTIMIZERS``
+(which imports this module, never the other way round).
+"""
 
 from __future__ import annotations
 
 import dataclasses
 import json
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -19,6 +22,16 @@ def _f(default, help, **meta):
 
 TASKS = ("lm", "classify")
 RULE_NAMES = ("adamw", "sgd", "adafactor", "lion")
+MOMENTS = ("keep", "project", "rotate", "reset")
+#: --dtype spellings: torch's names and their short forms, the same for `train`, `finetune` and `memory`.
+DTYPE_NAMES = {"float32": "float32", "fp32": "float32", "bfloat16": "bfloat16", "bf16": "bfloat16",
+               "float16": "float16", "fp16": "float16"}
+
+
+def dtype_name(spelling: str) -> str:
+    """torch's name of a --dtype spelling (fp32 -> float32, bf16 -> bfloat16); an unknown one is returned as it
+    is, for argparse's choices or the caller to reject."""
+    return DTYPE_NAMES.get(spelling, spelling)
 
 
 @dataclass
@@ -46,19 +59,19 @@ class TrainConfig:
                                "SentencePiece model shipped by mistral-common)", type=str, only="lm")
     val_fraction: float | None = _f(None, "share of documents held out for validation, chosen by a hash of "
                                     "the text", type=float)
-    optimizer: str = _f("adamw", "adamw (plain torch AdamW baseline), full (our optimizer, every parameter "
-                        "dense), galore, golore, golore@X (GaLore then GoLore for the last X%% of --steps), "
-                        "online_pca, auto")
+    optimizer: str = _f("adamw", "training method")  # the CLI lists the methods from optimizers.OPTIMIZERS
     rule: str = _f("adamw", "inner update rule of the subspace optimizer", choices=RULE_NAMES)
-    rank: int | None = _f(None, "projection rank (default: hidden_size // 4, e.g. 128 for llama-60m)", type=int,
-                          help_classify="projection rank")
+    rank: int | None = _f(None, "projection rank (default: a quarter of the hidden size, e.g. 128 for llama-60m); "
+                          "a weight whose reduced side is not larger is trained at full rank, with a warning",
+                          type=int, help_classify="projection rank; a weight whose reduced side is not larger is "
+                          "trained at full rank, with a warning")
     update_gap: int = _f(200, "steps between projector refreshes")
     scale: float = _f(0.25, "scale of the projected update (GaLore's alpha)")
     target: str | None = _f(None, "modules to project: all-linear (every linear layer but lm_head), a regex "
                             "over full module names, or a comma-separated list of name substrings", type=str)
     moments: str | None = _f(None, "what the moments do when the subspace changes (default: the optimizer's; "
                              "rso: reset, or project)",
-                             choices=("keep", "project", "rotate", "reset"), type=str)
+                             choices=MOMENTS, type=str)
     rso_eta: float | None = _f(None, "--optimizer rso: add the proximal term ||B||^2 / (2 eta) to each subproblem "
                                "(default: none)", type=float)
     side: str = _f("std", "which side of a projected weight is reduced: std (the smaller one, GaLore's rule), left "
@@ -79,8 +92,8 @@ class TrainConfig:
     weight_decay: float = _f(0.0, "decoupled weight decay")
     clip: float | None = _f(None, "clip the global gradient norm to this value; 0 disables "
                             "(default 1.0; 0 with --layerwise)", type=float)
-    dtype: str = _f("float32", "parameter dtype (bfloat16: pure bf16 training as in GaLore)",
-                    choices=("float32", "bfloat16"))
+    dtype: str = _f("float32", "parameter dtype, also spelled fp32 / bf16 (bfloat16: pure bf16 training as in "
+                    "GaLore)", choices=("float32", "bfloat16"), type=dtype_name)
     device: str = _f("auto", "cpu, cuda, or auto (cuda when available)", choices=("auto", "cpu", "cuda"))
     distributed: str = _f("none", "none, ddp or fsdp2: train data-parallel over the processes of torchrun "
                           "(torchrun --nproc_per_node N -m subspace_optim train ... --distributed ddp); "
@@ -91,13 +104,15 @@ class TrainConfig:
     eval_batches: int | None = _f(None, "validation batches per evaluation (0: the whole validation split)",
                                   type=int)
     save_every: int = _f(0, "write a checkpoint every N steps (0: only at the end)")
+    keep_checkpoints: int = _f(2, "keep the last N checkpoints (each verified after writing); --resume falls back "
+                               "to the newest readable one")
     out: str | None = _f(None, "run folder (default runs/<command>-<model>-<optimizer>-<time>)", type=str)
     resume: str | None = _f(None, "continue the run in this folder from its checkpoint", type=str)
     quiet: bool = _f(False, "no progress bar or evaluation lines, only the final report")
 
     # Flags that a resumed run may change; anything else must match the run's config.json.
-    RESUMABLE = ("steps", "eval_every", "eval_batches", "save_every", "quiet", "resume", "device", "checkpointing",
-                 "distributed")
+    RESUMABLE = ("steps", "eval_every", "eval_batches", "save_every", "keep_checkpoints", "quiet", "resume", "device",
+                 "checkpointing", "distributed")
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -118,18 +133,10 @@ TASK_DEFAULTS = {
                      eval_every=50, eval_batches=0, rank=8, target=".*encoder.*"),
 }
 
-_GOLORE_AT = re.compile(r"golore@(\d+(?:\.\d+)?)")
-
-
-def golore_fraction(name: str) -> float | None:
-    """x/100 for 'golore@x', else None."""
-    match = _GOLORE_AT.fullmatch(name)
-    return float(match.group(1)) / 100 if match else None
-
 
 def resolve(cfg: TrainConfig) -> TrainConfig:
-    """Fill the per-task defaults of fields left at None and check everything that needs no model or data;
-    raise UsageError on bad input."""
+    """Fill the per-task defaults of fields left at None and check every field on its own (what a training
+    method accepts is checked by ``optimizers.check_method``); raise UsageError on bad input."""
     if cfg.task not in TASKS:
         raise UsageError(f"unknown task {cfg.task!r}; expected one of {TASKS}")
     values = cfg.to_dict()
@@ -138,27 +145,8 @@ def resolve(cfg: TrainConfig) -> TrainConfig:
             values[name] = default
     cfg = TrainConfig(**values)
 
-    fraction = golore_fraction(cfg.optimizer)
-    from .optimizers import OPTIMIZERS
-
-    if cfg.optimizer not in OPTIMIZERS and fraction is None:
-        raise UsageError(f"unknown optimizer {cfg.optimizer!r}; expected one of {', '.join(OPTIMIZERS)}, golore@X")
-    if fraction is not None and not 0 <= fraction <= 1:
-        raise UsageError(f"--optimizer {cfg.optimizer}: x must be between 0 and 100")
-    if cfg.optimizer == "adamw" and cfg.rule != "adamw":
-        raise UsageError(f"--optimizer adamw is the torch AdamW baseline; for a dense {cfg.rule} baseline "
-                         "use --optimizer full")
-    if cfg.optimizer == "adamw" and cfg.layerwise:
-        raise UsageError("--layerwise needs one of our optimizers (e.g. --optimizer full or galore), "
-                         "not the torch AdamW baseline")
-    if cfg.side != "std" and cfg.optimizer in ("adamw", "full", "rso"):
-        raise UsageError(f"--side {cfg.side}: only the projected optimizers reduce a side (rso always reduces the "
-                         "input side)")
-    if cfg.rso_eta is not None and (cfg.optimizer != "rso" or not 0 < cfg.rso_eta < float("inf")):
-        raise UsageError(f"--rso-eta {cfg.rso_eta}: needs --optimizer rso and a positive finite value")
-    if cfg.optimizer == "rso" and cfg.moments not in (None, "reset", "project"):
-        raise UsageError(f"--moments {cfg.moments}: RSO either restarts B's optimizer state at each merge (reset, the "
-                         "default) or carries the first moments into the new subspace (project)")
+    if cfg.rso_eta is not None and not 0 < cfg.rso_eta < float("inf"):
+        raise UsageError(f"--rso-eta must be positive and finite, got {cfg.rso_eta}")
     if cfg.fused_loss and cfg.task != "lm":
         raise UsageError("--fused-loss is for causal-LM training (`subspace-optim train`); a classifier has no "
                          "vocabulary-sized output layer to fuse")
@@ -176,7 +164,7 @@ def resolve(cfg: TrainConfig) -> TrainConfig:
                          "global gradient norm exists")
     if cfg.clip is None:
         cfg.clip = 0.0 if cfg.layerwise else 1.0
-    for name in ("steps", "batch_size", "grad_accum", "seq_len", "update_gap"):
+    for name in ("steps", "batch_size", "grad_accum", "seq_len", "update_gap", "keep_checkpoints"):
         if getattr(cfg, name) < 1:
             raise UsageError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(cfg, name)}")
     if cfg.rank is not None and cfg.rank < 1:
@@ -192,6 +180,9 @@ def resolve(cfg: TrainConfig) -> TrainConfig:
         raise UsageError(f"--lr must be positive, got {cfg.lr}")
     if cfg.warmup is None:
         cfg.warmup = cfg.steps // 10
+    cfg.dtype = dtype_name(cfg.dtype)
+    if cfg.dtype not in ("float32", "bfloat16"):
+        raise UsageError(f"--dtype {cfg.dtype}: training runs in float32 or bfloat16")
     if cfg.device == "cuda":
         import torch
 

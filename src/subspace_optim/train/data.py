@@ -159,7 +159,14 @@ def read_labeled(spec: str, text_field: str = "text", label_field: str = "label"
     """
     path = local_path(spec)
     if path.is_dir():
-        pairs = [(_read_text(f), f.relative_to(path).parts[0]) for f in _files(path) if f.parent != path]
+        files = _files(path)
+        misplaced = [f.relative_to(path) for f in files if f.parent == path or f.suffix != ".txt"]
+        if misplaced:
+            raise UsageError(f"--data {spec}: finetune reads a folder as one sub-folder of .txt files per class "
+                             f"({path}/<class>/*.txt), but {len(misplaced)} file(s) are not such, e.g. "
+                             f"{misplaced[0]}; move them into class folders, or pass a .jsonl/.csv file with "
+                             "text and label fields")
+        pairs = [(_read_text(f), f.relative_to(path).parts[0]) for f in files]
     else:
         pairs = [(_field(r, text_field, path), _field(r, label_field, path)) for r in _records(path)]
     pairs = [(t.strip(), label) for t, label in pairs if t.strip()]
@@ -175,16 +182,18 @@ def read_labeled(spec: str, text_field: str = "text", label_field: str = "label"
 
 def hub_documents(spec: str, text_field: str = "text") -> Iterator[str]:
     """Stream the ``train`` split of an HF datasets name (``name[:config]``), as GaLore streams C4."""
+    # an owner/name spec may also have been meant as a local path; an hf: spec is the hub's alone
+    local = "" if spec.startswith("hf:") else "no such local file or folder; "
     try:
         import datasets
     except ImportError:
-        raise UsageError(f"--data {spec}: no such local file or folder; as an HF datasets name it needs the "
-                         "'hub' extra (pip install 'subspace_optim[hub]') and a network") from None
+        raise UsageError(f"--data {spec}: {local}HF datasets need the 'hub' extra: pip install "
+                         "'subspace_optim[hub]' (and a network)") from None
     name, _, config = spec.removeprefix("hf:").partition(":")
     try:
         stream = datasets.load_dataset(name, config or HUB_CONFIGS.get(name), split="train", streaming=True)
     except Exception as err:  # network, unknown name, ...: the user's to fix, not a bug to trace
-        raise UsageError(f"--data {spec}: no such local file or folder, and the HF hub cannot load it: {err}") from None
+        raise UsageError(f"--data {spec}: {local}the HF hub cannot load it: {err}") from None
     for record in stream:
         text = record.get(text_field)
         if text is None:
@@ -208,18 +217,33 @@ def unit_hash(text: str) -> float:
     return int.from_bytes(hashlib.sha256(text.encode("utf-8")).digest()[:8], "big") / 2**64
 
 
-def split(items: list, fraction: float, text: Callable = lambda x: x) -> tuple[list, list]:
-    """(train, validation) by ``in_validation``; a small corpus that would get no validation document gives
-    it the one with the lowest hash."""
+def split(items: list, fraction: float, text: Callable = lambda x: x, what: str = "documents") -> tuple[list, list]:
+    """(train, validation) by ``in_validation``; a small corpus that would leave a side empty gives it the item
+    with the lowest (validation) or highest (training) hash."""
     train, val = [], []
     for item in items:
         (val if in_validation(text(item), fraction) else train).append(item)
     if not val and len(train) > 1:
-        lowest = min(range(len(train)), key=lambda i: unit_hash(text(train[i])))
-        val.append(train.pop(lowest))
+        val.append(train.pop(min(range(len(train)), key=lambda i: unit_hash(text(train[i])))))
+    if not train and len(val) > 1:
+        train.append(val.pop(max(range(len(val)), key=lambda i: unit_hash(text(val[i])))))
     if not train or not val:
-        raise UsageError(f"need at least two distinct documents to split into train and validation, got {len(items)}")
+        raise UsageError(f"need at least two distinct {what} to split into train and validation, got {len(items)}")
     return train, val
+
+
+#: Tokens per chunk of the token-stream split: a few sequences each, so that the held-out share is close to
+#: --val-fraction even for a short text, and independent of --seq-len, so that it never moves text across sides.
+CHUNK_TOKENS = 1024
+
+
+def split_token_stream(ids: list[int], fraction: float) -> tuple[list[list[int]], list[list[int]]]:
+    """The split of a corpus with a single distinct document (a book with no blank lines, a log), which the
+    document split cannot divide: its token stream cut into chunks of CHUNK_TOKENS tokens, each held out by the
+    same hash rule applied to its token ids. Returns the (train, validation) chunks in stream order."""
+    chunks = [ids[start:start + CHUNK_TOKENS] for start in range(0, len(ids), CHUNK_TOKENS)]
+    return split(chunks, fraction, text=lambda chunk: " ".join(map(str, chunk)),
+                 what=f"chunks of {CHUNK_TOKENS} tokens (the text has a single document)")
 
 
 # ---------------------------------------------------------------- packing and batches

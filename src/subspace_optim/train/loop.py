@@ -20,7 +20,7 @@ from . import checkpoint, parallel
 from .config import TrainConfig, UsageError, load_config, resolve, save_config
 from .finetune import classify_task
 from .models import enable_checkpointing, to_device
-from .optimizers import build_optimizer, default_rank
+from .optimizers import check_method, rank_for
 from .pretrain import lm_task
 from .runlog import MetricsLog, plot_losses, write_json
 
@@ -58,7 +58,7 @@ def prepare(cfg: TrainConfig, given: set[str]) -> tuple[TrainConfig, Path, Path 
             setattr(saved, name, getattr(cfg, name))
         saved.resume = str(run_dir)
         cfg = resolve(saved)
-        found = checkpoint.latest(run_dir)
+        found = checkpoint.latest_readable(run_dir)  # warns about newer, damaged ones
         if found is None:
             raise UsageError(f"--resume {run_dir}: the run has no checkpoint yet")
         done = int(found.name.removeprefix("step_"))
@@ -78,14 +78,15 @@ def prepare(cfg: TrainConfig, given: set[str]) -> tuple[TrainConfig, Path, Path 
 def run(cfg: TrainConfig, given: set[str] = frozenset()) -> dict:
     """Train as ``cfg`` says (``given``: the fields the user set) and return the summary."""
     cfg, run_dir, resume_from = prepare(cfg, set(given))
+    method = check_method(cfg)
     par = parallel.start(cfg.distributed, cfg.device, cfg.batch_size)
     try:
-        return _train(cfg, run_dir, resume_from, par)
+        return _train(cfg, method, run_dir, resume_from, par)
     finally:
         par.close()
 
 
-def _train(cfg: TrainConfig, run_dir: Path, resume_from: Path | None, par: parallel.Parallel) -> dict:
+def _train(cfg: TrainConfig, method, run_dir: Path, resume_from: Path | None, par: parallel.Parallel) -> dict:
     run_dir = par.same(run_dir)  # the default folder has a time stamp: rank 0's decides
     cfg.out = cfg.out if cfg.resume else str(run_dir)
     device = par.device
@@ -97,12 +98,12 @@ def _train(cfg: TrainConfig, run_dir: Path, resume_from: Path | None, par: paral
     task = TASKS[cfg.task](cfg)
     if cfg.checkpointing:
         enable_checkpointing(task.model)
-    if cfg.rank is None and cfg.optimizer not in ("adamw", "full"):
-        cfg.rank = default_rank(task.model)
+    if method.rank:
+        cfg.rank = rank_for(cfg, task.model)
     model = to_device(task.model, device, cfg.dtype)
     if par.mode == "fsdp2":  # shard first: the optimizer must hold (and key its state by) the sharded parameters
         model = par.wrap(model)
-    setup = build_optimizer(cfg, model)
+    setup = method.build(cfg, model)
     model, optimizer = setup.model, setup.optimizer
     if isinstance(optimizer, SubspaceOptimizer):
         optimizer.process_group = par.optimizer_group  # DDP: each SVD refresh on one rank, broadcast
@@ -184,7 +185,8 @@ def _train(cfg: TrainConfig, run_dir: Path, resume_from: Path | None, par: paral
                          "peak mem": human(row["peak_memory_bytes"])})
         bar.update()
         if (cfg.save_every and step % cfg.save_every == 0) or step == cfg.steps:
-            checkpoint.save(run_dir, step, model, optimizer, scheduler, task.batches, progress, identity, par)
+            checkpoint.save(run_dir, step, model, optimizer, scheduler, task.batches, progress, identity, par,
+                            keep=cfg.keep_checkpoints)
     bar.close()
     log.close()
 

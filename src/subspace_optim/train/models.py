@@ -26,6 +26,12 @@ LLAMA_SIZES = {
 MAX_POSITIONS = {"llama-7b": 2048}  # GaLore's max_sequence_length; 1024 for the others
 
 
+def default_rank(hidden_size: int | None) -> int:
+    """The rank when --rank is not given: hidden_size // 4, GaLore's rank 128 for llama-60m (hidden 512) and 32
+    for llama-tiny; 8 for a model without a hidden size. The harness and the memory estimator both use it."""
+    return max(1, hidden_size // 4) if hidden_size else 8
+
+
 def causal_lm_config(name: str, vocab_size: int, bos_id: int | None, eos_id: int | None):
     """The HF config of a named model or of a config JSON file, checked against the tokenizer."""
     from transformers import AutoConfig, LlamaConfig
@@ -117,3 +123,7 @@ def enable_checkpointing(model: nn.Module) -> None:
     if not getattr(model, "supports_gradient_checkpointing", False):
         raise UsageError(f"--checkpointing: {type(model).__name__} does not support activation checkpointing")
     model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    for module in model.modules():  # the generation cache is never used in training; left on, HF warns (even
+        config = getattr(module, "config", None)  # under --quiet) that checkpointing turns it off
+        if getattr(config, "use_cache", False):
+            config.use_cache = False

@@ -1,19 +1,22 @@
-"""--optimizer NAME -> (model, optimizer, per-step callback): the one place a method plugs into the harness.
+"""--optimizer NAME: every training method of the harness, one ``Method`` entry each in OPTIMIZERS.
 
-A builder takes (config, model) and returns a Setup. It may transform the model (RSO swaps linear layers) and
-may return a callback that the loop calls after every optimizer step (RSO merges and resamples every K steps).
-Register a new method by adding a builder to OPTIMIZERS.
+An entry holds the method's builder, what it accepts (rules, --layerwise, --side, --moments, its own flags) and
+its defaults; `--help`, the checks before a run and the loop all read them from here, so a new method is one
+entry. A builder takes (config, model) and returns a Setup: it may transform the model (RSO swaps linear layers)
+and return a callback that the loop calls after every optimizer step.
 """
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
-from .config import TrainConfig, UsageError, golore_fraction, target_spec
+from .config import MOMENTS, RULE_NAMES, TrainConfig, UsageError, target_spec
+from .models import default_rank
 
 
 @dataclass
@@ -23,6 +26,21 @@ class Setup:
     after_step: Callable[[int], None] | None = None  # called with the finished step's number
 
 
+@dataclass(frozen=True)
+class Method:
+    """One --optimizer value: how to build it, what it accepts, its defaults."""
+
+    help: str  # one line for --help
+    build: Callable[[TrainConfig, nn.Module], Setup]
+    rules: tuple[str, ...] = RULE_NAMES  # the --rule values it takes
+    layerwise: bool = True  # takes --layerwise
+    rank: bool = True  # trains targeted weights in a rank --rank subspace (else --rank is unused)
+    side: bool = True  # takes --side (it reduces either side of a weight)
+    moments: tuple[str, ...] = MOMENTS  # the --moments values it takes
+    default_moments: str | None = None  # None: the optimizer's own default
+    flags: tuple[str, ...] = ()  # config fields that only this method takes (e.g. rso_eta)
+
+
 def _rule_class(rule: str):
     import subspace_optim as so
 
@@ -30,29 +48,21 @@ def _rule_class(rule: str):
             "lion": so.SubspaceLion}[rule]
 
 
-def default_rank(model: nn.Module) -> int:
-    """hidden_size // 4: GaLore's rank 128 for llama-60m (hidden 512), 32 for llama-tiny."""
-    hidden = getattr(getattr(model, "config", None), "hidden_size", None)
-    return max(1, hidden // 4) if hidden else 8
+def rank_for(cfg: TrainConfig, model: nn.Module) -> int:
+    """--rank, or the default rank of ``model``."""
+    return cfg.rank or default_rank(getattr(getattr(model, "config", None), "hidden_size", None))
 
 
 def projected_groups(cfg: TrainConfig, model: nn.Module) -> list[dict]:
-    """subspace_param_groups, with a clear error for a bad --target or a --rank larger than a targeted layer."""
+    """subspace_param_groups at --rank and --side, with a clear error for a --target that selects nothing. A
+    weight not larger than the rank on its smaller side is trained at full rank by the optimizer, which warns."""
     from subspace_optim import subspace_param_groups
 
-    rank = cfg.rank or default_rank(model)
     try:
-        groups = subspace_param_groups(model, rank=rank, target=target_spec(cfg.target))
+        groups = subspace_param_groups(model, rank=rank_for(cfg, model), target=target_spec(cfg.target))
     except ValueError as err:
         raise UsageError(f"--target {cfg.target}: {err}") from None
-    groups = [dict(group, side=cfg.side) if "rank" in group else group for group in groups]
-    names = {id(p): n for n, p in model.named_parameters()}
-    for group in groups:
-        for p in group["params"] if "rank" in group else ():
-            if rank > min(p.shape[0], p[0].numel()):
-                raise UsageError(f"--rank {rank} is larger than layer {names[id(p)]} "
-                                 f"({'x'.join(map(str, p.shape))}); lower --rank or narrow --target")
-    return groups
+    return [dict(group, side=cfg.side) if "rank" in group else group for group in groups]
 
 
 def _ours(cfg: TrainConfig, model: nn.Module, params, **settings) -> Setup:
@@ -66,12 +76,10 @@ def _ours(cfg: TrainConfig, model: nn.Module, params, **settings) -> Setup:
 
 
 def _adamw(cfg: TrainConfig, model: nn.Module) -> Setup:
-    """The baseline: plain torch AdamW over every parameter."""
     return Setup(model, torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay))
 
 
 def _full(cfg: TrainConfig, model: nn.Module) -> Setup:
-    """Our optimizer with every parameter dense: the full-rank baseline of any --rule."""
     return _ours(cfg, model, [{"params": [p for p in model.parameters() if p.requires_grad]}])
 
 
@@ -79,12 +87,10 @@ def _projector(name: str):
     def build(cfg: TrainConfig, model: nn.Module) -> Setup:
         return _ours(cfg, model, projected_groups(cfg, model), projector=name)
 
-    build.__doc__ = f"Projected training with the {name!r} projector."
     return build
 
 
 def _golore_at(cfg: TrainConfig, model: nn.Module) -> Setup:
-    """GoLore@x%: GaLore, then random projections for the last x% of --steps."""
     return _ours(cfg, model, projected_groups(cfg, model), projector="hybrid",
                  random_fraction=golore_fraction(cfg.optimizer), total_steps=cfg.steps)
 
@@ -97,50 +103,94 @@ def _rso(cfg: TrainConfig, model: nn.Module) -> Setup:
     subproblem restarts) or project (first moments carried into the new subspace, as GoLore's default)."""
     from subspace_optim.layers import RSOController, apply_rso, rso_layers
 
-    if cfg.layerwise:
-        raise UsageError("--optimizer rso cannot be used with --layerwise")
     try:
-        apply_rso(model, rank=cfg.rank or default_rank(model), target=target_spec(cfg.target), seed=cfg.seed)
+        apply_rso(model, rank=rank_for(cfg, model), target=target_spec(cfg.target), seed=cfg.seed)
     except ValueError as err:
         raise UsageError(f"--optimizer rso: {err}") from None
     subspace = {id(layer.B): layer.B for layer in rso_layers(model).values()}
     dense = [p for p in model.parameters() if p.requires_grad and id(p) not in subspace]
     groups = [{"params": dense}, {"params": list(subspace.values()), "lr": cfg.lr * cfg.scale}]
     setup = _ours(cfg, model, [g for g in groups if g["params"]])
-    # attaches as the optimizer's step hooks
-    RSOController(model, setup.optimizer, update_gap=cfg.update_gap, eta=cfg.rso_eta, moments=cfg.moments or "reset")
+    try:  # attaches as the optimizer's step hooks
+        RSOController(model, setup.optimizer, update_gap=cfg.update_gap, eta=cfg.rso_eta, moments=cfg.moments)
+    except ValueError as err:  # e.g. every targeted layer too narrow for the rank
+        raise UsageError(f"--optimizer rso: {err}") from None
     return setup
 
 
 def _galore_torch(cfg: TrainConfig, model: nn.Module) -> Setup:
-    """The GaLore authors' GaLoreAdamW (pip install galore-torch bitsandbytes) on the same groups, rank, gap and
-    scale, for side-by-side comparisons. Its state holds Python objects: such a run cannot be resumed."""
     try:
         from galore_torch import GaLoreAdamW
     except ImportError as err:
         raise UsageError(f"--optimizer galore-torch needs: pip install galore-torch bitsandbytes ({err})") from None
-    if cfg.rule != "adamw" or cfg.layerwise:
-        raise UsageError("--optimizer galore-torch is AdamW only, without --layerwise")
     groups = [dict(g, update_proj_gap=cfg.update_gap, scale=cfg.scale, proj_type=cfg.side) if "rank" in g else g
               for g in projected_groups(cfg, model)]
     return Setup(model, GaLoreAdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay))
 
 
-OPTIMIZERS: dict[str, Callable[[TrainConfig, nn.Module], Setup]] = {
-    "adamw": _adamw,
-    "full": _full,
-    "galore": _projector("galore"),
-    "golore": _projector("golore"),
-    "online_pca": _projector("online_pca"),
-    "auto": _projector("auto"),
-    "rso": _rso,
-    "galore-torch": _galore_torch,
+OPTIMIZERS: dict[str, Method] = {
+    "adamw": Method("plain torch.optim.AdamW over every parameter: the baseline", _adamw, rules=("adamw",),
+                    layerwise=False, rank=False, side=False, moments=()),
+    "full": Method("our optimizer with every parameter dense: the full-rank baseline of any --rule", _full,
+                   rank=False, side=False, moments=()),
+    "galore": Method("projector galore: top-r singular vectors of the gradient, refreshed every --update-gap "
+                     "steps", _projector("galore")),
+    "golore": Method("projector golore: a uniformly random orthonormal basis", _projector("golore")),
+    "golore@X": Method("projector hybrid: GaLore, then GoLore for the last X% of --steps", _golore_at),
+    "online_pca": Method("Online Subspace Descent: the basis is trained every step", _projector("online_pca")),
+    "auto": Method("GaLore per weight until its subspace holds mostly noise, then GoLore", _projector("auto")),
+    "rso": Method("RSO layers: targeted linear layers train B in W + B P (B at --lr x --scale), merged every "
+                  "--update-gap steps", _rso, layerwise=False, side=False, moments=("reset", "project"),
+                  default_moments="reset", flags=("rso_eta",)),
+    "galore-torch": Method("the GaLore authors' GaLoreAdamW (pip install galore-torch bitsandbytes) on the same "
+                           "groups; cannot be resumed", _galore_torch, rules=("adamw",), layerwise=False,
+                           moments=()),
 }
+
+_GOLORE_AT = re.compile(r"golore@(\d+(?:\.\d+)?)")
+
+
+def golore_fraction(name: str) -> float | None:
+    """x/100 for 'golore@x', else None."""
+    match = _GOLORE_AT.fullmatch(name)
+    return float(match.group(1)) / 100 if match else None
+
+
+def method_of(name: str) -> Method:
+    """The entry of an --optimizer value ('golore@20' is 'golore@X'); UsageError for an unknown one."""
+    fraction = golore_fraction(name)
+    if fraction is not None:
+        if not 0 <= fraction <= 1:
+            raise UsageError(f"--optimizer {name}: x must be between 0 and 100")
+        return OPTIMIZERS["golore@X"]
+    if name not in OPTIMIZERS or name == "golore@X":
+        raise UsageError(f"unknown optimizer {name!r}; expected one of {', '.join(OPTIMIZERS)}")
+    return OPTIMIZERS[name]
+
+
+def check_method(cfg: TrainConfig) -> Method:
+    """Check a resolved config against its method's entry, fill the method's defaults (--moments), return it."""
+    method, name = method_of(cfg.optimizer), cfg.optimizer
+    if cfg.rule not in method.rules:
+        raise UsageError(f"--rule {cfg.rule}: --optimizer {name} runs only {', '.join(method.rules)}; use "
+                         f"--optimizer full for a dense {cfg.rule} baseline, or a projected one (galore, golore, ...)")
+    if cfg.layerwise and not method.layerwise:
+        raise UsageError(f"--layerwise: --optimizer {name} cannot update weights inside backward; "
+                         "use one of ours that can (e.g. full, galore, golore)")
+    if cfg.side != "std" and not method.side:
+        raise UsageError(f"--side {cfg.side}: --optimizer {name} does not choose a side (only the projected "
+                         "optimizers do; rso always reduces the input side)")
+    if cfg.moments is not None and cfg.moments not in method.moments:
+        takes = f"takes {' or '.join(method.moments)}" if method.moments else "has no subspace moments"
+        raise UsageError(f"--moments {cfg.moments}: --optimizer {name} {takes}")
+    for flag in {f for m in OPTIMIZERS.values() for f in m.flags} - set(method.flags):
+        if getattr(cfg, flag) is not None:
+            owners = [n for n, m in OPTIMIZERS.items() if flag in m.flags]
+            raise UsageError(f"--{flag.replace('_', '-')} needs --optimizer {' or '.join(owners)}, not {name}")
+    if cfg.moments is None:
+        cfg.moments = method.default_moments
+    return method
 
 
 def build_optimizer(cfg: TrainConfig, model: nn.Module) -> Setup:
-    if golore_fraction(cfg.optimizer) is not None:
-        return _golore_at(cfg, model)
-    if cfg.optimizer not in OPTIMIZERS:
-        raise UsageError(f"unknown optimizer {cfg.optimizer!r}")
-    return OPTIMIZERS[cfg.optimizer](cfg, model)
+    return check_method(cfg).build(cfg, model)

@@ -10,8 +10,8 @@ from collections.abc import Iterable, Iterator
 import torch
 
 from .config import TrainConfig, UsageError
-from .data import (ShuffledBatches, StreamBatches, Tokenizer, hub_documents, in_validation, is_hub_name,
-                   lm_batch, pack, read_documents, split)
+from .data import (CHUNK_TOKENS, ShuffledBatches, StreamBatches, Tokenizer, hub_documents, in_validation,
+                   is_hub_name, lm_batch, pack, read_documents, split, split_token_stream)
 from .loss import causal_lm_loss, fused_parts
 from .models import build_causal_lm, causal_lm_config, count_parameters, max_positions
 from .task import Task
@@ -42,14 +42,22 @@ def lm_task(cfg: TrainConfig) -> Task:
         batches = StreamBatches(train_seqs, cfg.batch_size)
         info = {"data": cfg.data}
     else:
-        train_docs, val_docs = split(read_documents(cfg.data, cfg.text_field), cfg.val_fraction)
-        train = torch.tensor(list(pack(_encode(train_docs, tokenizer), cfg.seq_len)), dtype=torch.long)
-        val = list(pack(_encode(val_docs, tokenizer), cfg.seq_len))
+        docs = read_documents(cfg.data, cfg.text_field)
+        if len(set(docs)) > 1:
+            train_docs, val_docs = split(docs, cfg.val_fraction)
+            train_ids, val_ids = _encode(train_docs, tokenizer), _encode(val_docs, tokenizer)
+            info = {"split": "documents", "train_documents": len(train_docs), "val_documents": len(val_docs)}
+        else:  # one document, e.g. a book with one sentence per line: split its token stream instead
+            train_ids, val_ids = split_token_stream([t for ids in _encode(docs, tokenizer) for t in ids],
+                                                    cfg.val_fraction)
+            info = {"split": f"token chunks of {CHUNK_TOKENS} (a single document)", "train_chunks": len(train_ids),
+                    "val_chunks": len(val_ids)}
+        train = torch.tensor(list(pack(train_ids, cfg.seq_len)), dtype=torch.long)
+        val = list(pack(val_ids, cfg.seq_len))
         if len(train) == 0:
             raise UsageError(f"--data {cfg.data}: the training split holds fewer than --seq-len {cfg.seq_len} tokens")
         batches = ShuffledBatches(len(train), cfg.batch_size, cfg.seed, lambda rows: lm_batch(train[rows]))
-        info = {"train_documents": len(train_docs), "val_documents": len(val_docs),
-                "train_tokens": train.numel(), "train_sequences": len(train)}
+        info.update(train_tokens=train.numel(), train_sequences=len(train))
     if not val:
         raise UsageError(f"--data {cfg.data}: the validation split holds fewer than --seq-len {cfg.seq_len} tokens")
     val = torch.tensor(val, dtype=torch.long)

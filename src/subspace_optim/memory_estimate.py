@@ -1,0 +1,137 @@
+"""Analytic estimate of the memory of training a model (`subspace-optim memory`), from its shapes alone.
+
+total = weights + gradients + optimizer state + projection bases + activations, every tensor in --dtype
+(pure 16-bit training, as the seeds' arithmetic assumes: LLaMA-7B with Adam in BF16 = 14 + 14 + 28 + 2 GB).
+
+Activations: Korthikanti et al. 2022 ("Reducing Activation Recomputation in Large Transformer Models"), per
+transformer layer, in 16-bit, no recomputation, the standard convention for such estimates:
+    s·b·h·34 + 5·a·s²·b  bytes
+split here as  linear-layer inputs (q/k/v 2sbh, o 2sbh, MLP in 2sbh, MLP out 2·s·b·f; f = 4h gives 14sbh)
+             + everything else (norms, attention internals, nonlinearity, dropout masks: 20sbh + 5as²b),
+plus the output layer's fp32 log-softmax, 4·b·s·V bytes. Variants (--activations): "flash" drops the as²
+terms (FlashAttention / torch SDPA keep no s x s score matrix); "checkpoint" keeps only each layer's input
+(2sbh) plus one layer's activations during its recomputation. RSO replaces each linear input (width w) by
+its rank-r projection, so the linear-input term becomes 2·s·b·r per projection group.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from .train.config import dtype_name
+from .train.models import LLAMA_SIZES, MAX_POSITIONS, default_rank
+
+ESTIMATE_OPTIMIZERS = ("adamw", "galore", "golore", "rso")
+ACTIVATION_MODELS = ("full", "flash", "checkpoint")
+DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}  # any spelling of dtype_name
+
+
+@dataclass(frozen=True)
+class ArchSpec:
+    """Shapes of a decoder-only transformer: enough to count every parameter and activation."""
+
+    hidden: int
+    intermediate: int
+    layers: int
+    heads: int
+    vocab: int
+    kind: str = "llama"  # llama: SwiGLU MLP, RMSNorm, no biases, untied lm_head; gpt: GeLU MLP, LayerNorm and
+    # biases, learned positions, lm_head tied to the embedding (GPT-3)
+    positions: int = 2048
+
+    def linear_shapes(self) -> list[tuple[int, int]]:
+        """(out, in) of every linear weight inside the layers: what GaLore/GoLore project and RSO replaces."""
+        h, f = self.hidden, self.intermediate
+        mlp = [(f, h), (f, h), (h, f)] if self.kind == "llama" else [(f, h), (h, f)]
+        return ([(h, h)] * 4 + mlp) * self.layers
+
+    def dense_numel(self) -> int:
+        """Every parameter outside the projected linear weights: embeddings, lm_head, norms, biases."""
+        h, f, L = self.hidden, self.intermediate, self.layers
+        if self.kind == "llama":
+            return 2 * self.vocab * h + L * 2 * h + h
+        biases = L * (4 * h + f + h)
+        norms = L * 4 * h + 2 * h
+        return self.vocab * h + self.positions * h + biases + norms
+
+    def parameters(self) -> int:
+        return sum(m * n for m, n in self.linear_shapes()) + self.dense_numel()
+
+
+def estimate_models() -> dict[str, ArchSpec]:
+    """The harness's LLaMA sizes (GaLore's configs) plus GPT-3 175B (Brown et al. 2020, Table 2.1)."""
+    models = {name: ArchSpec(h, f, L, a, 32000, "llama", MAX_POSITIONS.get(name, 1024))
+              for name, (h, f, L, a) in LLAMA_SIZES.items()}
+    models["gpt3-175b"] = ArchSpec(12288, 4 * 12288, 96, 96, 50257, "gpt", 2048)
+    return models
+
+
+def activation_bytes(spec: ArchSpec, batch: int, seq: int, nbytes: int, model: str = "full",
+                     rank: int | None = None) -> int:
+    """Activation bytes saved for backward (formula above), scaled from 16-bit to ``nbytes`` per number."""
+    s, b, h, f, a, L = seq, batch, spec.hidden, spec.intermediate, spec.heads, spec.layers
+    # the inputs of q/k/v (one tensor), o, gate/up or MLP-in, down or MLP-out: 6sbh + 2sbf in 16-bit; RSO saves
+    # each one's rank-r projection instead, unless the rank is not below its width (that layer stays dense)
+    linear_inputs = sum(2 * s * b * (rank if rank is not None and rank < width else width) for width in (h, h, h, f))
+    scores = 0 if model == "flash" else 5 * a * s * s * b
+    per_layer = (linear_inputs + 20 * s * b * h + scores) * nbytes // 2
+    logits = 4 * b * s * spec.vocab
+    if model == "checkpoint":
+        return L * s * b * h * nbytes + per_layer + logits
+    return L * per_layer + logits
+
+
+def estimate(model: str | ArchSpec, optimizer: str = "adamw", *, rank: int | None = None, batch: int = 1,
+             seq: int = 2048, dtype: str = "bf16", layerwise: bool = False, activations: str = "full") -> dict:
+    """Bytes of each part of training ``model`` with Adam-type ``optimizer``; keys as in ``format_estimate``.
+
+    adamw: 2 moments per parameter. galore/golore: 2·r·max(m, n) moments and an r x min(m, n) basis per
+    projected (linear) weight, 2 moments per dense parameter (GoLore's basis can be regenerated from a seed,
+    but is held while training). rso: frozen weights; gradients and moments only for each B (out x r) and the
+    dense parameters. layerwise: each gradient is freed inside backward, so at most the largest one is alive.
+    rank: default ``default_rank(hidden)`` (returned as ``rank``); a linear weight that it does not reduce is
+    counted at full rank (``full_rank_weights`` of them), as the optimizer and ``apply_rso`` train it.
+    """
+    spec = estimate_models()[model] if isinstance(model, str) else model
+    if optimizer not in ESTIMATE_OPTIMIZERS:
+        raise ValueError(f"unknown optimizer {optimizer!r}; expected one of {ESTIMATE_OPTIMIZERS}")
+    if activations not in ACTIVATION_MODELS:
+        raise ValueError(f"unknown activation model {activations!r}; expected one of {ACTIVATION_MODELS}")
+    if dtype_name(dtype) not in DTYPE_BYTES:
+        raise ValueError(f"unknown dtype {dtype!r}; expected one of {', '.join(DTYPE_BYTES)} (or fp32, bf16, fp16)")
+    nbytes = DTYPE_BYTES[dtype_name(dtype)]
+    shapes, dense = spec.linear_shapes(), spec.dense_numel()
+    rank = None if optimizer == "adamw" else default_rank(spec.hidden) if rank is None else rank
+    if rank is not None and rank < 1:
+        raise ValueError(f"rank must be at least 1, got {rank}")
+    # The library's rule: a weight whose reduced side (its smaller one; RSO's input) is not wider than the rank is
+    # trained at full rank, as a dense parameter.
+    reduced = (lambda out, inp: inp) if optimizer == "rso" else min
+    low = [shape for shape in shapes if rank is not None and rank < reduced(*shape)]
+    narrow = [m * n for m, n in shapes if rank is None or rank >= reduced(m, n)]
+    weights = spec.parameters()
+    if optimizer == "rso":
+        weights += sum(out * rank for out, _ in low)  # the B's are parameters too
+        trainable = [out * rank for out, _ in low] + narrow + [dense]
+    else:
+        trainable = [m * n for m, n in shapes] + [dense]
+    # layer-wise: one gradient alive at a time, at most the largest tensor (a linear weight, its B, or the embedding)
+    gradients = max(trainable[:-1] + [spec.vocab * spec.hidden]) if layerwise else sum(trainable)
+    if optimizer in ("galore", "golore"):
+        moments = sum(2 * rank * max(m, n) for m, n in low) + 2 * (sum(narrow) + dense)
+        bases = sum(rank * min(m, n) for m, n in low)
+    else:
+        moments, bases = 2 * sum(trainable), 0
+    act = activation_bytes(spec, batch, seq, nbytes, activations, rank if optimizer == "rso" else None)
+    parts = {"weights": weights * nbytes, "gradients": gradients * nbytes, "optimizer_state": moments * nbytes,
+             "projection": bases * nbytes, "activations": act}
+    return {**parts, "total": sum(parts.values()), "parameters": weights, "rank": rank,
+            "full_rank_weights": len(narrow) if rank is not None else 0}
+
+
+def format_estimate(est: dict, title: str) -> str:
+    rows = [("weights", "weights"), ("gradients", "gradients"), ("optimizer state (moments)", "optimizer_state"),
+            ("projection bases", "projection"), ("activations", "activations"), ("total", "total")]
+    lines = [title]
+    lines += [f"  {label:<26} {est[key] / 1e9:10.2f} GB" for label, key in rows]
+    return "\n".join(lines)

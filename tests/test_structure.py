@@ -1,0 +1,61 @@
+"""The package's layering, read from its source: no import cycles, and the optimizer core never imports the
+training harness (the harness and the CLI sit on top of the core, not beside it)."""
+
+import ast
+from pathlib import Path
+
+import subspace_optim
+
+PACKAGE = Path(subspace_optim.__file__).parent
+
+
+def _module_name(path: Path) -> str:
+    parts = path.relative_to(PACKAGE.parent).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def import_graph() -> dict[str, set[str]]:
+    """{module: package modules it imports}, counting imports inside functions too (a lazy import is still a
+    dependency)."""
+    files = {_module_name(p): p for p in PACKAGE.rglob("*.py")}
+    graph = {}
+    for name, path in files.items():
+        package = name if path.name == "__init__.py" else name.rpartition(".")[0]
+        deps = set()
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom):
+                base = package.split(".")[: len(package.split(".")) - node.level + 1] if node.level else []
+                target = ".".join(base + ([node.module] if node.module else []))
+                for alias in node.names:  # `from . import checkpoint` imports the submodule
+                    deps.add(f"{target}.{alias.name}" if f"{target}.{alias.name}" in files else target)
+            elif isinstance(node, ast.Import):
+                deps.update(alias.name for alias in node.names)
+        graph[name] = {d for d in deps if d in files and d != name}
+    return graph
+
+
+def test_no_import_cycles():
+    graph = import_graph()
+    state: dict[str, int] = {}  # 1: on the current path, 2: done
+
+    def visit(node, path):
+        state[node] = 1
+        for dep in sorted(graph[node]):
+            assert state.get(dep) != 1, "import cycle: " + " -> ".join(path[path.index(dep):] + [dep])
+            if dep not in state:
+                visit(dep, path + [dep])
+        state[node] = 2
+
+    for module in sorted(graph):
+        if module not in state:
+            visit(module, [module])
+
+
+def test_the_optimizer_core_does_not_import_the_harness():
+    graph = import_graph()
+    harness = ("subspace_optim.train", "subspace_optim.experiments", "subspace_optim.cli", "subspace_optim.__main__",
+               "subspace_optim.memory_estimate")
+    core = [m for m in graph if m != "subspace_optim" and not m.startswith(harness)]
+    assert {"subspace_optim.optimizer", "subspace_optim.memory", "subspace_optim.layers"} <= set(core)
+    for module in core + ["subspace_optim"]:
+        assert not {d for d in graph[module] if d.startswith(harness)}, module
