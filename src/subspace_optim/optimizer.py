@@ -179,6 +179,16 @@ class SubspaceOptimizer(Optimizer):
                     stacklevel=3,
                 )
 
+    def _reindex(self) -> None:
+        """Key the per-parameter maps by the parameters the groups hold now: accelerate's FSDP2 ``prepare`` (HF
+        Trainer's too) swaps them for DTensors after the optimizer is built, ``load_state_dict`` replaces the
+        groups. Indices stay positional, so seeds and refresh owners do not change."""
+        self._index, self._group_of, self._layouts = {}, {}, {}
+        for group in self.param_groups:
+            for p in group["params"]:
+                self._index.setdefault(p, len(self._index))
+                self._group_of[p] = group
+
     def _validate(self, group: dict) -> None:
         if group.get("rank") is not None:
             _positive_int("rank", group["rank"])
@@ -453,6 +463,8 @@ class SubspaceOptimizer(Optimizer):
                 self.skipped_steps += 1
                 self._skipped_in_step = False
             return loss
+        if any(p not in self._index for group in self.param_groups for p in group["params"]):
+            self._reindex()
         live = [(p, group) for group in self.param_groups for p in group["params"] if p.grad is not None]
         if self._is_checkpoint_template_step(live):
             for p, group in live:
@@ -534,7 +546,7 @@ class SubspaceOptimizer(Optimizer):
         # saved parameter ids (ints, or FQNs from torch.distributed.checkpoint) map to ours in order, as in torch
         params = dict(zip((i for g in state_dict["param_groups"] for i in g["params"]),
                           (p for g in self.param_groups for p in g["params"])))
-        self._group_of = {p: g for g in self.param_groups for p in g["params"]}
+        self._reindex()
         for group in self.param_groups:
             self._validate(group)
         for idx, saved in state_dict["state"].items():
@@ -623,6 +635,10 @@ class SubspaceLion(SubspaceOptimizer):
 
     def __init__(self, params, *, lr=1e-4, betas=(0.9, 0.99), weight_decay=0.0, **kwargs):
         super().__init__(params, lr=lr, betas=tuple(betas), weight_decay=weight_decay, **kwargs)
+
+
+#: The inner rule's name -> its optimizer class.
+RULE_CLASSES = {"adamw": SubspaceAdamW, "sgd": SubspaceSGD, "adafactor": SubspaceAdafactor, "lion": SubspaceLion}
 
 
 def _with_defaults(base: type, name: str, doc: str, **paper_defaults) -> type:
