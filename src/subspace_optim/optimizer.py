@@ -261,9 +261,14 @@ class SubspaceOptimizer(Optimizer):
                 )
 
     def _reindex(self) -> None:
-        """Each parameter's group and index (part of its random bases' key), in param_groups order."""
-        self._group_of = {p: g for g in self.param_groups for p in g["params"]}
-        self._index = {p: i for i, p in enumerate(self._group_of)}
+        """Key the per-parameter maps by the parameters the groups hold now: accelerate's FSDP2 ``prepare`` (HF
+        Trainer's too) swaps them for DTensors after the optimizer is built, ``load_state_dict`` replaces the
+        groups. Indices stay positional, so seeds and refresh owners do not change."""
+        self._index, self._group_of, self._layouts = {}, {}, {}
+        for group in self.param_groups:
+            for p in group["params"]:
+                self._index.setdefault(p, len(self._index))
+                self._group_of[p] = group
 
     def _validate(self, group: dict) -> None:
         if group.get("rank") is not None:
@@ -558,6 +563,8 @@ class SubspaceOptimizer(Optimizer):
             )
         # Layer-wise hooks took their gradients in backward; any left were set by hand (e.g. by DCP's zero-gradient
         # step that creates the state) and take the standard path, unless a hook is still accumulating them.
+        if any(p not in self._index for group in self.param_groups for p in group["params"]):
+            self._reindex()  # the groups hold other parameters now (accelerate's FSDP2 swap)
         live = [(p, group) for group in self.param_groups for p in group["params"]
                 if p.grad is not None and not self.state.get(p, {}).get("micro")]
         if self._is_checkpoint_template_step(live):
@@ -802,6 +809,10 @@ class SubspaceLion(SubspaceOptimizer):
 
     def __init__(self, params, *, lr=1e-4, betas=(0.9, 0.99), weight_decay=0.0, **kwargs):
         super().__init__(params, lr=lr, betas=tuple(betas), weight_decay=weight_decay, **kwargs)
+
+
+#: The inner rule's name -> its optimizer class.
+RULE_CLASSES = {"adamw": SubspaceAdamW, "sgd": SubspaceSGD, "adafactor": SubspaceAdafactor, "lion": SubspaceLion}
 
 
 def _with_defaults(base: type, name: str, doc: str, **paper_defaults) -> type:
