@@ -15,6 +15,7 @@ from .data import (ShuffledBatches, StreamBatches, Tokenizer, hub_documents, in_
 from .loss import causal_lm_loss, fused_parts
 from .models import build_causal_lm, causal_lm_config, count_parameters, max_positions
 from .task import Task
+from .tokenizer import load_tokenizer
 
 
 def _encode(docs: Iterable[str], tokenizer: Tokenizer, chunk: int = 256) -> Iterator[list[int]]:
@@ -25,13 +26,16 @@ def _encode(docs: Iterable[str], tokenizer: Tokenizer, chunk: int = 256) -> Iter
 
 
 def lm_task(cfg: TrainConfig) -> Task:
-    tokenizer = Tokenizer(cfg.tokenizer)
+    hub = is_hub_name(cfg.data)
+    # local data is split first: a trained tokenizer (--tokenizer bpe:N) sees the training documents only
+    train_docs, val_docs = (None, None) if hub else split(read_documents(cfg.data, cfg.text_field), cfg.val_fraction)
+    tokenizer, tokenizer_info = load_tokenizer(cfg.tokenizer, train_docs)
     config = causal_lm_config(cfg.model, tokenizer.vocab_size, tokenizer.bos_id, tokenizer.eos_id)
     limit = max_positions(config)
     if limit is not None and cfg.seq_len > limit:
         raise UsageError(f"--seq-len {cfg.seq_len} is longer than {cfg.model} allows ({limit} positions)")
 
-    if is_hub_name(cfg.data):
+    if hub:
         if cfg.eval_batches == 0:
             raise UsageError("--eval-batches 0 (the whole validation split) needs local data, not a stream")
         docs = lambda: hub_documents(cfg.data, cfg.text_field)  # noqa: E731
@@ -42,7 +46,6 @@ def lm_task(cfg: TrainConfig) -> Task:
         batches = StreamBatches(train_seqs, cfg.batch_size)
         info = {"data": cfg.data}
     else:
-        train_docs, val_docs = split(read_documents(cfg.data, cfg.text_field), cfg.val_fraction)
         train = torch.tensor(list(pack(_encode(train_docs, tokenizer), cfg.seq_len)), dtype=torch.long)
         val = list(pack(_encode(val_docs, tokenizer), cfg.seq_len))
         if len(train) == 0:
@@ -56,6 +59,7 @@ def lm_task(cfg: TrainConfig) -> Task:
     if cfg.eval_batches:
         val = val[: cfg.eval_batches * cfg.batch_size]
     info["val_sequences"] = len(val)
+    info.update(tokenizer_info)
 
     model = build_causal_lm(config)
     info.update(count_parameters(model))
