@@ -360,7 +360,7 @@ def _batch_claims(study: Study) -> list[Claim]:
         why_b = _pending(at["auto", b], at["galore", b], at["golore", b])
         if why_b:
             verdicts.append(why_b.split(":")[0])
-            parts.append(f"batch {b}: {why_b}")
+            parts.append(f"batch {b}: {why_b.partition(': ')[2] or why_b}")
             continue
         name = min(("galore", "golore"), key=lambda m: at[m, b].mean)
         verdicts.append(not_worse(at["auto", b], at[name, b], MATCH))
@@ -424,6 +424,11 @@ def _figure(report: Report, suffix: str, panels: list[tuple[str, list[tuple[str,
     return path
 
 
+def _cell(ppl: Ppl | str) -> str:
+    """A table cell: mean ± std, or just 'pending' / 'not planned' (the claims say what is missing)."""
+    return ppl.split(":")[0] if isinstance(ppl, str) else str(ppl)
+
+
 def _mib(x: float) -> str:
     return f"{x / 2**20:.1f}"
 
@@ -443,7 +448,7 @@ def _methods_table(study: Study) -> str:
         ppl, summaries = study.at_best(m), study.summaries(m)
         best = study.best_lr(m)
         edge = best is not None and best in (grid[0], grid[-1]) and len(grid) > 1
-        rows.append([m, "pending" if best is None else f"{best:g}" + (" (grid's edge)" if edge else ""), str(ppl),
+        rows.append([m, "pending" if best is None else f"{best:g}" + (" (grid's edge)" if edge else ""), _cell(ppl),
                      f"{ppl.mean / base.mean:.3f}" if not _pending(ppl, base) else "", *cells,
                      *([_mib(statistics.fmean(s["optimizer_state_bytes"] for s in summaries)),
                         f"{statistics.fmean(s['peak_memory_bytes'] for s in summaries) / 2**20:.0f}",
@@ -458,7 +463,7 @@ def _variant_table(study: Study, rows: list[tuple[str, str, dict]]) -> str:
     for label, method, variant in rows:
         ppl, summaries = study.at_best(method, **variant), study.summaries(method, **variant)
         lr = study.best_lr(method)
-        out.append([label, "pending" if lr is None else f"{lr:g}", str(ppl),
+        out.append([label, "pending" if lr is None else f"{lr:g}", _cell(ppl),
                     _mib(statistics.fmean(s["optimizer_state_bytes"] for s in summaries)) if summaries else "",
                     f"{statistics.fmean(s['tokens_per_s'] for s in summaries):.0f}" if summaries else ""])
     return table(["run", "lr (the method's best)", "val ppl", "optimizer state (MiB)", "tokens/s"], out)
@@ -552,7 +557,7 @@ equal tokens, and which projector should one use? Claims checked as sub-studies:
 (Zhao et al. 2024), GoLore@20% and online PCA against GaLore (He et al. 2024; Liang et al. 2024), RSO against
 GoLore (Chen et al. 2025), GaLore's rank ablation, and GaLore vs GoLore vs auto across batch sizes at equal tokens.
 
-Status: {done} of {len(runs)} runs stored{f"; {len(waiting)} sub-study run groups wait for a method's lr grid" if waiting else ""}.
+Status: {done} of {len(runs)} runs stored{f"; {len(waiting) * len(s.seeds)} sub-study runs wait for their method's lr grid" if waiting else ""}.
 Missing runs make their rows "pending"; `subspace-optim reproduce pretrain` runs what is missing (`--max-runs N` at
 most N per invocation; `--dry-run` lists them).
 
