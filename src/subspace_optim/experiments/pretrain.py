@@ -537,15 +537,15 @@ def main(args) -> Path:
 def write(study: Study, report: Report, runs: list[Planned], waiting: list[str]) -> Path:
     s = study.scale
     done = sum(study.result(r) is not None for r in runs)
-    found = [(m, [f for f in (study.result(run_for(s, m, study.best_lr(m), seed)) for seed in s.seeds)])
+    found = [(f"{m} (lr {study.best_lr(m):g})", study.seeds(m, study.best_lr(m)))
              for m in study.methods if study.best_lr(m) is not None]
     fig = _figure(report, "", [("each method at its best learning rate", found)])
     sizes = sorted({s.base["batch_size"], *s.batch_sweep})
     panels = []
     for b in sizes:
         variant = {} if b == s.base["batch_size"] else {"batch": b}
-        curves = [(m, study.seeds(m, study.best_lr(m), **variant)) for m in ("galore", "golore", "auto")
-                  if m in study.methods and study.best_lr(m) is not None]
+        curves = [(f"{m} (lr {study.best_lr(m):g})", study.seeds(m, study.best_lr(m), **variant))
+                  for m in ("galore", "golore", "auto") if m in study.methods and study.best_lr(m) is not None]
         panels.append((f"batch {b}", [(m, c) for m, c in curves if c]))
     batch_fig = _figure(report, "batch", panels)
     results = claims(study)
