@@ -90,7 +90,9 @@ _REPRODUCE_DEFAULTS = {"runs": "runs/reproduce", "scale": "cpu"}
 
 
 def _add_reproduce(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("name", choices=(*EXPERIMENTS, "all"), help="experiment to run, or all of them in turn")
+    parser.add_argument("name", choices=(*EXPERIMENTS, "all", "index"), help="experiment to run, all of them in "
+                        "turn (then the index), or index: rebuild the table of verdicts in OUT/README.md from the "
+                        "reports in OUT")
     parser.add_argument("--quick", action="store_true", help="toy size (seconds to minutes): checks that the "
                         "experiment runs end to end; its numbers mean nothing")
     parser.add_argument("--out", help=f"folder for NAME.md and its plots (default: {RESULTS} for the full "
@@ -103,6 +105,8 @@ def _add_reproduce(parser: argparse.ArgumentParser) -> None:
                         "llama-1b on C4; needs GPUs and a network) (default: cpu)")
     parser.add_argument("--dry-run", action="store_true", help="print what would run and where the report "
                         "would go, and run nothing")
+    parser.add_argument("--max-runs", type=int, metavar="N", help="pretrain only: start at most N training runs, "
+                        "then write the report from every stored run (0: only the report); run again to continue")
 
 
 def _is_full(args: argparse.Namespace, name: str) -> bool:
@@ -131,12 +135,15 @@ def _reproduce(args: argparse.Namespace) -> int:
 
     if args.scale != "cpu" and args.name not in ("pretrain", "all"):
         raise UsageError(f"--scale {args.scale}: only pretrain has a paper scale")
+    if args.max_runs is not None and (args.name != "pretrain" or args.max_runs < 0):
+        raise UsageError(f"--max-runs {args.max_runs}: only pretrain builds its study over several invocations, "
+                         "and N must not be negative")
     flags = []
-    for key in ("quick", "out", "runs", "scale", "dry_run"):
+    for key in ("quick", "out", "runs", "scale", "max_runs", "dry_run"):
         value = getattr(args, key)
-        if value not in (False, None, _REPRODUCE_DEFAULTS.get(key)):
+        if value is not None and value is not False and value != _REPRODUCE_DEFAULTS.get(key):  # --max-runs 0 too
             flags += ["--" + key.replace("_", "-")] + ([] if value is True else [str(value)])
-    names = EXPERIMENTS if args.name == "all" else (args.name,)
+    names = (*EXPERIMENTS, "index") if args.name == "all" else (args.name,)
     outs = {name: _report_dir(args, name) for name in names}  # every user error before anything runs
     for name in names:
         module = importlib.import_module(f".experiments.{name.replace('-', '_')}", __package__)
@@ -144,7 +151,9 @@ def _reproduce(args: argparse.Namespace) -> int:
                                     # the exact command, for the report's header
                                     "argv": ["subspace-optim", "reproduce", name, *flags]})
         if args.dry_run:
-            print(f"# reproduce {name}: would write {outs[name] / name}.md and its plots, after running:")
+            writes, after = (("README.md's table of verdicts", "reading") if name == "index"
+                             else (f"{name}.md and its plots", "running"))
+            print(f"# reproduce {name}: would write {outs[name]}/{writes}, after {after}:")
             print("\n".join(module.dry_run(run)))
         else:
             module.main(run)

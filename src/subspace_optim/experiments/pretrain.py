@@ -1,300 +1,597 @@
-"""`subspace-optim reproduce pretrain`: LLaMA pretraining at equal tokens and seed through the harness.
+"""`subspace-optim reproduce pretrain`: how much quality the memory saving costs, and which projector to use.
 
-Three studies, each run in its own process (`subspace-optim train`), so every run's peak RSS is its own:
-methods (AdamW, galore-torch, our GaLore, GoLore, GoLore@20%, online PCA, auto, RSO) at rank d/4; a rank
-ablation (d/8, d/4, d/2) for GaLore; GaLore vs GoLore at a small and a large batch (same steps).
-``--scale paper`` is GaLore's C4 recipe (llama-60m to llama-1b) for machines with GPUs and a network.
+Every method pretrains the same model on the same tokens, in the same order, at each learning rate of one grid
+and at two seeds, and is reported at its best learning rate (the lowest mean validation perplexity over the
+seeds). The model, llama-study with a 2k-token BPE trained on the training split, has 82% of its parameters in the
+linear layers that the subspace methods project (llama-tiny with the 32k vocabulary: 13%). The papers' claims are
+sub-studies on top, run at the methods' best learning rates and judged from the numbers by ``not_worse`` and
+``better`` ("pending" while their runs are missing).
+
+The runs live in a store beside the report (docs/results/pretrain-runs for the full study, see runstore.py): a run
+is reused while the training code is unchanged, an interrupted one resumes, and ``--max-runs N`` builds the study
+over several invocations. The report is written from whatever is stored.
 """
 
 from __future__ import annotations
 
+import importlib.util
+import json
 import math
-from dataclasses import dataclass
+import statistics
+from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..train.runlog import read_metrics
-from .report import Report, flags_to_cli, harness, table
+from ..train.config import TASK_DEFAULTS
+from ..train.data import default_tokenizer_path, is_hub_name, read_documents, split
+from ..train.tokenizer import bpe_key, bpe_vocab_size, file_sha256
+from .report import Report, table
+from .runstore import Planned, RunStore, Stored
 
-#: GaLore (Zhao et al. 2024), Table 2: validation perplexity on C4 (full-rank Adam vs GaLore, ranks 128/256/256/512).
+METHODS = ("adamw", "galore", "golore", "golore@20", "online_pca", "auto", "rso", "galore-torch")
+#: The one learning-rate rule of every method. Written into the report; the harness implements it (--lr, --scale).
+LR_RULE = ("every parameter of a run follows one peak learning rate `lr` (linear warm-up over 10% of the steps, "
+           "then cosine decay to 0.1 x lr): dense parameters (all of AdamW's; the embeddings, norms and lm_head of "
+           "the subspace methods) step at lr, projected weights at lr x scale (GaLore's alpha, 0.25, applied to "
+           "the projected update only; RSO steps its B at lr x scale, which makes its steps GoLore's). The grid "
+           "is the same for every method, so no method gets a step size the others could not have.")
+#: "matches": within this share of the other's perplexity; GaLore's "within a few %" of full-rank Adam (its
+#: Table 2: 0.5-2.4%).
+MATCH, FEW_PERCENT = 0.02, 0.03
+#: GaLore (Zhao et al. 2024), Table 2: validation perplexity on C4, full-rank Adam vs GaLore (rank).
 PAPER = {"llama-60m": (34.06, 34.88, 128), "llama-130m": (25.08, 25.36, 256), "llama-350m": (18.80, 18.95, 256),
          "llama-1b": (15.56, 15.64, 512)}
-PAPER_STEPS = {"llama-60m": 10_000, "llama-130m": 20_000, "llama-350m": 60_000, "llama-1b": 100_000}
-METHODS = ("adamw", "galore-torch", "galore", "golore", "golore@20", "online_pca", "auto", "rso")
-#: GaLore's recipe: Adam at 1e-3; projected methods (RSO too) at 1e-2 with scale 0.25 (only the projected update
-#: is scaled: RSO steps its B at lr x scale, which makes its steps GoLore's).
-LR = {"adamw": 1e-3}
-SUBSPACE_LR = 1e-2
+
+
+@dataclass(frozen=True)
+class Scale:
+    """One size of the study: the flags every run shares and what varies."""
+
+    name: str
+    base: dict  # `subspace-optim train` flags of every run (data: None = the quick toy corpus)
+    methods: tuple[str, ...]
+    lr_grid: tuple[float, ...]
+    seeds: tuple[int, ...]
+    batch_sweep: tuple[int, ...]  # batch sizes besides base's, at the same tokens (GaLore, GoLore, auto)
+    ranks: tuple[int, ...]  # GaLore ranks besides base's
+    val_sequences: int | None = None  # validation sequences of every run (None: the whole split)
+    fresh_process: bool = True  # False: toy runs in this process (a fresh Python spends seconds importing)
+    toy_documents: int | None = None  # quick: train on the first N BBC News articles
+
+
+SCALES = {
+    # 512 steps x 8 x 256 = 1,048,576 tokens (0.69 epoch of the 1.52M training tokens: no token seen twice);
+    # validation on the whole held-out split at the end; 16 refreshes; a checkpoint every quarter (resumable).
+    "cpu": Scale("cpu", dict(model="llama-study", tokenizer="bpe:2048", data="bbcnews", steps=512, batch_size=8,
+                             seq_len=256, rank=64, update_gap=32, scale=0.25, eval_every=0, eval_batches=0,
+                             save_every=128),
+                 METHODS, lr_grid=(1e-3, 3e-3, 1e-2), seeds=(0, 1), batch_sweep=(2, 32), ranks=(32, 128)),
+    # GaLore's C4 recipe for LLaMA-60M (batch 512 = 128 x 4, 256 tokens, 10k steps, gap 200, bf16), for GPUs
+    "paper": Scale("paper", dict(model="llama-60m", data="allenai/c4", steps=10_000, batch_size=128, grad_accum=4,
+                                 seq_len=256, rank=128, update_gap=200, scale=0.25, dtype="bfloat16",
+                                 eval_every=1000, save_every=1000),
+                   METHODS, lr_grid=(1e-3, 3e-3, 1e-2), seeds=(0, 1), batch_sweep=(32, 512), ranks=(64, 256),
+                   val_sequences=10240),
+    # every method and sub-study, at toy size: llama-tiny (cheaper SVDs than llama-study), 200 articles, 4 steps
+    "quick": Scale("quick", dict(model="llama-tiny", tokenizer="bpe:512", data=None, steps=4, batch_size=2,
+                                 seq_len=32, rank=16, update_gap=2, scale=0.25, eval_every=2, save_every=2),
+                   METHODS, lr_grid=(1e-3, 1e-2), seeds=(0, 1), batch_sweep=(4,), ranks=(8,), val_sequences=4,
+                   fresh_process=False, toy_documents=200),
+}
+SCALED_WITH_STEPS = ("steps", "update_gap", "save_every", "eval_every")  # kept per token in the batch sweep
+VAL_FRACTION = TASK_DEFAULTS["lm"]["val_fraction"]
+
+
+def run_for(scale: Scale, method: str, lr: float, seed: int, *, batch: int | None = None,
+            rank: int | None = None) -> Planned:
+    """The run of ``method`` at ``lr`` and ``seed``; ``batch``: the same tokens in batches of that size (steps,
+    refresh gap, checkpoint and evaluation intervals scaled to keep their share of the run); ``rank``: GaLore's."""
+    flags = dict(scale.base, optimizer=method, lr=lr, seed=seed)
+    tags = []
+    if method in ("adamw", "full"):
+        flags.pop("rank", None)
+    if rank is not None:
+        flags["rank"], tags = rank, tags + [f"r{rank}"]
+    if batch is not None:
+        for name in SCALED_WITH_STEPS:
+            if flags.get(name):
+                flags[name] = max(1, flags[name] * scale.base["batch_size"] // batch)
+        flags["batch_size"], tags = batch, tags + [f"b{batch}"]
+        if flags["steps"] * batch != scale.base["steps"] * scale.base["batch_size"]:
+            raise ValueError(f"batch {batch}: {scale.base['steps']} x {scale.base['batch_size']} sequences do not "
+                             "divide into equal steps")
+    if scale.val_sequences:
+        flags["eval_batches"] = scale.val_sequences // flags["batch_size"]
+    return Planned("-".join([method.replace("@", "at"), *tags, f"lr{lr:g}", f"s{seed}"]), flags)
 
 
 @dataclass
-class Run:
-    study: str
-    label: str
-    flags: dict
+class Ppl:
+    """A method's final validation perplexities, one per seed."""
+
+    values: list[float]
 
     @property
-    def key(self) -> str:
-        return f"{self.study}-{self.label}".replace("@", "at").replace("/", "_").replace(" ", "_")
+    def mean(self) -> float:
+        return statistics.fmean(self.values)
+
+    @property
+    def std(self) -> float:
+        return statistics.stdev(self.values) if len(self.values) > 1 else 0.0
+
+    def __str__(self) -> str:
+        return f"{self.mean:.2f} ± {self.std:.2f}"
 
 
-def plan(scale: str, quick: bool) -> list[Run]:
-    if scale == "paper":
-        runs = []
-        for model, (_, _, rank) in PAPER.items():
-            steps = PAPER_STEPS[model]
-            base = dict(model=model, data="allenai/c4", rank=rank, update_gap=200, scale=0.25, batch_size=128,
-                        grad_accum=4, seq_len=256, steps=steps, warmup=steps // 10, dtype="bfloat16",
-                        eval_every=1000, eval_batches=80, seed=0)
-            for method in METHODS:
-                runs.append(Run(model, method, dict(base, optimizer=method, lr=LR.get(method, SUBSPACE_LR))))
-        return runs
-    steps, batch, seq, gap = (4, 2, 32, 2) if quick else (120, 4, 64, 24)
-    base = dict(model="llama-tiny", steps=steps, batch_size=batch, seq_len=seq, update_gap=gap, scale=0.25,
-                warmup=steps // 10, eval_every=steps // 2, eval_batches=2 if quick else 8, seed=0)
-    methods = ("adamw", "galore") if quick else METHODS
-    runs = [Run("methods", m, dict(base, optimizer=m, lr=LR.get(m, SUBSPACE_LR))) for m in methods]
-    # Controls: AdamW at the projected methods' lr, so a difference of lr is not read as one of method; RSO at
-    # AdamW's; and GoLore with its moments reset at every refresh, which is what RSO's steps equal (up to which
-    # layers share a random subspace: RSO draws one P per shared input, GoLore one basis per weight).
-    if not quick:
-        runs += [Run("methods", f"adamw (lr {SUBSPACE_LR:g})", dict(base, optimizer="adamw", lr=SUBSPACE_LR)),
-                 Run("methods", f"rso (lr {LR['adamw']:g})", dict(base, optimizer="rso", lr=LR["adamw"])),
-                 Run("methods", "golore (moments reset)", dict(base, optimizer="golore", moments="reset",
-                                                              lr=SUBSPACE_LR)),
-                 Run("methods", "rso (moments project)", dict(base, optimizer="rso", moments="project",
-                                                             lr=SUBSPACE_LR))]
-    for rank in () if quick else (16, 64):  # d/8 and d/2; d/4 = 32 is the methods study's run
-        runs.append(Run("rank", f"galore r={rank}", dict(base, optimizer="galore", rank=rank, lr=SUBSPACE_LR)))
-    # Batches 1 and 8 at the same steps: 4x less and 2x more gradient averaging than the methods' 4.
-    # Equal *tokens* per validation set: --eval-batches x --batch-size sequences.
-    val_seqs = base["eval_batches"] * batch
-    for b in (1,) if quick else (1, 8):
-        for m in ("golore",) if quick else ("galore", "golore"):
-            runs.append(Run("batch", f"{m} b={b}", dict(base, optimizer=m, batch_size=b, lr=SUBSPACE_LR,
-                                                       eval_batches=max(1, val_seqs // b))))
-    # RSO against GoLore on a 3x wider model (llama-small: hidden 384, rank d/4 = 96), with the same controls
-    if not quick:
-        small = dict(base, model="llama-small", rank=96, lr=SUBSPACE_LR)
-        dense = {k: v for k, v in small.items() if k != "rank"}
-        runs += [Run("size", "llama-small adamw", dict(dense, optimizer="adamw", lr=LR["adamw"])),
-                 Run("size", "llama-small golore", dict(small, optimizer="golore")),
-                 Run("size", "llama-small golore (moments reset)", dict(small, optimizer="golore", moments="reset")),
-                 # GoLore reducing every weight's input side, as RSO must (down_proj: 96 of 1024 columns instead
-                 # of 96 of 384 rows)
-                 Run("size", "llama-small golore (side right)", dict(small, optimizer="golore", side="right")),
-                 Run("size", "llama-small rso", dict(small, optimizer="rso")),
-                 Run("size", "llama-small rso (moments project)", dict(small, optimizer="rso", moments="project"))]
-    # RSO against GoLore at two more seeds (seed 0 is the methods study's): is the gap larger than seed noise?
-    for seed in () if quick else (1, 2):
-        for m in ("golore", "rso"):
-            runs.append(Run("seeds", f"{m} seed={seed}", dict(base, optimizer=m, lr=SUBSPACE_LR, seed=seed)))
-    return runs
+def not_worse(x: Ppl, y: Ppl, tolerance: float) -> str:
+    """Verdict on "x's perplexity is at most (1 + tolerance) times y's": reproduced when the means say so; not
+    reproduced when x misses it by more than the seeds' spread (the two standard deviations added, relative to
+    y's mean); inconclusive in between."""
+    ratio, spread = x.mean / y.mean, (x.std + y.std) / y.mean
+    if ratio <= 1 + tolerance:
+        return "reproduced"
+    return "not reproduced" if ratio > 1 + tolerance + spread else "inconclusive (within the seeds' spread)"
 
 
-def _curve(run_dir: Path, column: str) -> list[tuple[int, float]]:
-    return [(int(r["step"]), float(r[column])) for r in read_metrics(run_dir / "metrics.csv") if r.get(column)]
+def better(x: Ppl, y: Ppl) -> str:
+    """Verdict on "x reaches a lower perplexity than y": a difference counts when it exceeds the seeds' spread
+    (the two standard deviations added)."""
+    spread = x.std + y.std
+    if x.mean < y.mean - spread:
+        return "reproduced"
+    return "not reproduced" if x.mean > y.mean + spread else "inconclusive (within the seeds' spread)"
 
 
-def _smooth(points: list[tuple[int, float]], beta: float = 0.9) -> list[tuple[int, float]]:
-    out, avg = [], None
-    for step, value in points:
-        avg = value if avg is None else beta * avg + (1 - beta) * value
-        out.append((step, avg))
-    return out
+def _finite(ppl: float) -> float:
+    return ppl if math.isfinite(ppl) else math.inf  # a diverged run (NaN loss) ranks last
 
 
-def _plot(report: Report, suffix: str, title: str, runs: list[Run], dirs: dict) -> Path:
-    import matplotlib
+class Study:
+    """The planned runs at one scale, what the store holds of them, and the learning rates they select."""
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    def __init__(self, args, *, dry_run: bool = False):
+        self.scale = SCALES["quick" if args.quick else args.scale]
+        scratch = Path(args.runs) / f"pretrain-{self.scale.name}"
+        docs = None
+        if self.scale.toy_documents:
+            docs = read_documents("bbcnews")[: self.scale.toy_documents]
+            corpus = scratch / f"bbcnews-{len(docs)}.jsonl"
+            if not dry_run and not corpus.is_file():
+                corpus.parent.mkdir(parents=True, exist_ok=True)
+                corpus.write_text("".join(json.dumps({"text": d}) + "\n" for d in docs))
+            self.scale = Scale(**{**self.scale.__dict__, "base": {**self.scale.base, "data": str(corpus)}})
+        elif not is_hub_name(self.scale.base["data"]):  # a stream has no fixed split (and no trained tokenizer)
+            docs = read_documents(self.scale.base["data"])
+        self.methods = [m for m in self.scale.methods
+                        if m != "galore-torch" or importlib.util.find_spec("galore_torch") is not None]
+        self.store = RunStore(Path(args.out) / "pretrain-runs", scratch, {"tokenizer": self._tokenizer_key(docs)},
+                              fresh_process=self.scale.fresh_process)
+        self._found: dict[str, Stored] = {}
 
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(12, 4.5))
-    for run in runs:
-        xs, ys = zip(*_smooth(_curve(dirs[run.key], "loss")))
-        ax1.plot(xs, ys, label=run.label, lw=1.1)
-        val = _curve(dirs[run.key], "val_loss")
-        ax2.plot([s for s, _ in val], [math.exp(v) for _, v in val], marker="o", ms=3, label=run.label, lw=1.1)
-    ax1.set(xlabel="step", ylabel="training loss (EMA 0.9)", title=title)
-    ax2.set(xlabel="step", ylabel="validation perplexity", yscale="log", title="validation")
-    for ax in (ax1, ax2):
+    def _tokenizer_key(self, docs: list[str] | None) -> str:
+        """What the runs' tokenizer is determined by: a trained BPE's cache key, else the file's SHA-256."""
+        spec = self.scale.base.get("tokenizer")
+        size = bpe_vocab_size(spec)
+        if size is not None:
+            return bpe_key(size, split(docs, VAL_FRACTION)[0])
+        return file_sha256(Path(spec) if spec else default_tokenizer_path())
+
+    # ------------------------------------------------------------ runs and results
+
+    def result(self, run: Planned) -> Stored | None:
+        if run.key not in self._found:
+            found = self.store.stored(run)
+            if found is None:
+                return None
+            self._found[run.key] = found
+        return self._found[run.key]
+
+    def add(self, run: Planned, stored: Stored) -> None:
+        self._found[run.key] = stored
+
+    def seeds(self, method: str, lr: float, **variant) -> list[Stored] | None:
+        """Every seed's stored run, or None while one is missing."""
+        found = [self.result(run_for(self.scale, method, lr, s, **variant)) for s in self.scale.seeds]
+        return None if None in found else found
+
+    def grid(self) -> list[Planned]:
+        """Seed-major, so a partial study first has every method at every lr at one seed."""
+        return [run_for(self.scale, m, lr, s) for s in self.scale.seeds for m in self.methods
+                for lr in self.scale.lr_grid]
+
+    def best_lr(self, method: str) -> float | None:
+        """The grid's lr with the lowest mean perplexity over the seeds; None until all its runs are stored."""
+        means = {}
+        for lr in self.scale.lr_grid:
+            found = self.seeds(method, lr)
+            if found is None:
+                return None
+            means[lr] = statistics.fmean(_finite(s.summary["final_val_ppl"]) for s in found)
+        return min(means, key=means.get)
+
+    def variants(self) -> list[tuple[str, dict]]:
+        """(method, variant) of the sub-studies' runs: the batch sweep and GaLore's rank ablation."""
+        batch = [(m, {"batch": b}) for b in self.scale.batch_sweep for m in ("galore", "golore", "auto")
+                 if m in self.methods]
+        rank = [("galore", {"rank": r}) for r in self.scale.ranks if "galore" in self.methods]
+        return batch + rank
+
+    def planned(self) -> tuple[list[Planned], list[str]]:
+        """(runs whose settings are known, in order; what waits for a method's learning-rate grid)."""
+        runs, waiting = self.grid(), []
+        for method, variant in self.variants():
+            lr = self.best_lr(method)
+            if lr is None:
+                waiting.append(f"{method} {' '.join(f'{k} {v}' for k, v in variant.items())}")
+            else:
+                runs += [run_for(self.scale, method, lr, s, **variant) for s in self.scale.seeds]
+        return runs, waiting
+
+    def at_best(self, method: str, **variant) -> Ppl | str:
+        """The method's perplexities at its best lr (and ``variant``), or why there are none yet."""
+        if method not in self.methods:
+            return "not planned at this scale"
+        lr = self.best_lr(method)
+        if lr is None:
+            done = sum(self.result(run_for(self.scale, method, x, s)) is not None
+                       for x in self.scale.lr_grid for s in self.scale.seeds)
+            return f"pending: the lr grid of {method} ({done} of {len(self.scale.lr_grid) * len(self.scale.seeds)} runs)"
+        found = self.seeds(method, lr, **variant)
+        if found is None:
+            return f"pending: {method} {' '.join(f'{k} {v}' for k, v in variant.items())}".rstrip()
+        return Ppl([_finite(s.summary["final_val_ppl"]) for s in found])
+
+    def summaries(self, method: str, **variant) -> list[dict]:
+        lr = self.best_lr(method)
+        found = self.seeds(method, lr, **variant) if lr is not None else None
+        return [s.summary for s in found or []]
+
+
+# ---------------------------------------------------------------- the claims
+
+
+@dataclass
+class Claim:
+    """One paper's claim as a sub-study: its section of the report and its row of the verdict table."""
+
+    claim: str
+    paper: str
+    verdict: str = ""
+    numbers: str = ""
+    section: list[str] = field(default_factory=list)
+
+    def row(self) -> list[str]:
+        return [self.claim, f"**{self.verdict}**", self.numbers, self.paper]
+
+    def unknown(self, why: str) -> Claim:
+        """No verdict yet: 'pending' (with what is missing) or 'not planned at this scale'."""
+        self.verdict, self.numbers = why.split(":")[0], why.partition(": ")[2] or "—"
+        return self
+
+
+def _pending(*values) -> str | None:
+    """The first 'pending'/'not planned' reason among ``values`` (Ppl or str), or None when all are numbers."""
+    return next((v for v in values if isinstance(v, str)), None)
+
+
+def _pair(study: Study, claim: Claim, mine: str, theirs: str, judge) -> Claim:
+    """A claim about two methods at their best learning rates, judged by ``judge(mine, theirs)``."""
+    a, b = study.at_best(mine), study.at_best(theirs)
+    why = _pending(a, b)
+    if why:
+        return claim.unknown(why)
+    claim.verdict = judge(a, b)
+    claim.numbers = (f"val ppl {mine} {a} vs {theirs} {b} (ratio {a.mean / b.mean:.3f}; mean ± std over seeds "
+                     f"{', '.join(map(str, study.scale.seeds))}, each at its best lr)")
+    return claim
+
+
+def claims(study: Study) -> list[Claim]:
+    galore_adamw = _pair(study, Claim(
+        "GaLore pretrains to within a few % of full-rank Adam's perplexity (Zhao et al. 2024, Table 2)",
+        "GaLore / full = 1.005–1.024 (60M–1B, C4)"), "galore", "adamw", lambda a, b: not_worse(a, b, FEW_PERCENT))
+    golore20 = _pair(study, Claim("GoLore@20% (GaLore, then random projections for the last 20%) matches or beats "
+                                  "GaLore (He et al. 2024)", "GoLore@20% ≤ GaLore"),
+                     "golore@20", "galore", lambda a, b: not_worse(a, b, MATCH))
+    pca = _pair(study, Claim("Online Subspace Descent matches or beats GaLore's perplexity (Liang et al. 2024)",
+                             "OSD ≤ GaLore"), "online_pca", "galore", lambda a, b: not_worse(a, b, MATCH))
+    rso = _rso_claim(study)
+    return [galore_adamw, golore20, pca, rso, _rank_claim(study), *_batch_claims(study)]
+
+
+def _memory(summary: dict) -> int:
+    """What a method changes: gradients, optimizer state and saved activations (measured, deterministic)."""
+    m = summary["memory"]
+    return m["gradients_bytes"] + m["optimizer_state_bytes"] + m["activations_bytes"]
+
+
+def _rso_claim(study: Study) -> Claim:
+    claim = _pair(study, Claim("RSO reaches comparable perplexity with less memory (Chen et al. 2025); here against "
+                               "GoLore, whose steps RSO's equal with moments reset", "comparable perplexity, lower memory"),
+                  "rso", "golore", lambda a, b: not_worse(a, b, MATCH))
+    mine, theirs = study.summaries("rso"), study.summaries("golore")
+    if mine and theirs and claim.verdict == "reproduced":
+        ratio = statistics.fmean(map(_memory, mine)) / statistics.fmean(map(_memory, theirs))
+        claim.numbers += f"; gradients + optimizer state + activations {ratio:.2f} x GoLore's"
+        if ratio >= 1:
+            claim.verdict = "not reproduced (perplexity yes, memory no)"
+    return claim
+
+
+def _rank_claim(study: Study) -> Claim:
+    claim = Claim("Higher rank brings GaLore closer to full-rank Adam (GaLore's rank ablation)",
+                  "higher rank, lower perplexity")
+    base = study.scale.base.get("rank")
+    ranks = sorted({base, *study.scale.ranks})
+    values = {r: study.at_best("galore", **({} if r == base else {"rank": r})) for r in ranks}
+    why = _pending(*values.values())
+    if why:
+        return claim.unknown(why)
+    steps = [better(values[hi], values[lo]) for lo, hi in zip(ranks, ranks[1:])]
+    claim.verdict = ("reproduced" if all(v == "reproduced" for v in steps) else
+                     "not reproduced" if "not reproduced" in steps else "inconclusive (within the seeds' spread)")
+    claim.numbers = "GaLore val ppl " + ", ".join(f"r={r} {values[r]}" for r in ranks)
+    adamw = study.at_best("adamw")
+    if not isinstance(adamw, str):
+        claim.numbers += f"; AdamW {adamw}"
+    return claim
+
+
+def _batch_claims(study: Study) -> list[Claim]:
+    """GaLore vs GoLore across batch sizes at equal tokens, and auto against the better of the two."""
+    sizes = sorted({study.scale.base["batch_size"], *study.scale.batch_sweep})
+    at = {(m, b): study.at_best(m, **({} if b == study.scale.base["batch_size"] else {"batch": b}))
+          for m in ("galore", "golore", "auto") for b in sizes}
+    noise = Claim("Under gradient noise (small batches) GaLore falls behind and GoLore does not; with large batches "
+                  "they match (He et al. 2024)", "GoLore converges where GaLore stalls under noise")
+    auto = Claim("auto (ours) matches the better of GaLore and GoLore at every batch size",
+                 "(ours; no paper)")
+    why = _pending(at["galore", sizes[0]], at["golore", sizes[0]])
+    if why:
+        noise.unknown(why)
+    else:
+        noise.verdict = better(at["golore", sizes[0]], at["galore", sizes[0]])
+        noise.numbers = "; ".join(
+            f"batch {b}: GaLore {at['galore', b]}, GoLore {at['golore', b]}"
+            + (f" (GoLore / GaLore {at['golore', b].mean / at['galore', b].mean:.3f})"
+               if not _pending(at["galore", b], at["golore", b]) else " (pending)") for b in sizes)
+        noise.numbers += f" (equal tokens; the judged batch is the smallest, {sizes[0]})"
+    verdicts, parts = [], []
+    for b in sizes:
+        why_b = _pending(at["auto", b], at["galore", b], at["golore", b])
+        if why_b:
+            verdicts.append(why_b.split(":")[0])
+            parts.append(f"batch {b}: {why_b.partition(': ')[2] or why_b}")
+            continue
+        name = min(("galore", "golore"), key=lambda m: at[m, b].mean)
+        verdicts.append(not_worse(at["auto", b], at[name, b], MATCH))
+        parts.append(f"batch {b}: auto {at['auto', b]} vs {name} {at[name, b]} "
+                     f"({at['auto', b].mean / at[name, b].mean:.3f})")
+    if "not planned at this scale" in verdicts:
+        return [noise, auto.unknown("not planned at this scale")]
+    auto.verdict = "pending" if "pending" in verdicts else (
+        "not reproduced" if "not reproduced" in verdicts else
+        "reproduced" if all(v == "reproduced" for v in verdicts) else "inconclusive (within the seeds' spread)")
+    auto.numbers = "; ".join(parts)
+    return [noise, auto]
+
+
+# ---------------------------------------------------------------- the report
+
+
+def _smoothed_losses(stored: Stored, points: int = 100) -> tuple[list[float], list[float]]:
+    """(tokens, training loss averaged over windows), ``points`` windows per run. Before the first epoch ends
+    (every run here), each batch is unseen, so the training loss estimates the held-out loss."""
+    rows = stored.metrics()
+    width = max(1, len(rows) // points)
+    xs, ys = [], []
+    for start in range(0, len(rows) - width + 1, width):
+        window = rows[start:start + width]
+        xs.append(float(window[-1]["tokens"]))
+        ys.append(statistics.fmean(float(r["loss"]) for r in window))
+    return xs, ys
+
+
+def _band(ax, runs: list[Stored], label: str) -> None:
+    """Mean over the seeds of the smoothed loss, with a band of ± one standard deviation."""
+    curves = [_smoothed_losses(s) for s in runs]
+    n = min(len(x) for x, _ in curves)
+    xs = curves[0][0][:n]
+    mean = [statistics.fmean(c[1][i] for c in curves) for i in range(n)]
+    std = [statistics.stdev([c[1][i] for c in curves]) if len(curves) > 1 else 0.0 for i in range(n)]
+    line, = ax.plot(xs, mean, lw=1.2, label=label)
+    ax.fill_between(xs, [m - s for m, s in zip(mean, std)], [m + s for m, s in zip(mean, std)],
+                    color=line.get_color(), alpha=0.25, lw=0)
+
+
+def _figure(report: Report, suffix: str, panels: list[tuple[str, list[tuple[str, list[Stored]]]]]) -> Path | None:
+    """Loss against tokens, one panel per (title, [(label, the seeds' runs)]); None when no panel has a run."""
+    panels = [(t, curves) for t, curves in panels if curves]
+    if not panels:
+        return None
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(6.5 * len(panels), 4.5), dpi=110)
+    for i, (title, curves) in enumerate(panels):
+        ax = fig.add_subplot(1, len(panels), i + 1)
+        for label, runs in curves:
+            _band(ax, runs, label)
+        ax.set(xlabel="training tokens", ylabel="training loss (window mean; band: ± std over seeds)", title=title)
         ax.grid(alpha=0.3)
-    ax2.legend(fontsize=8)
+        ax.legend(fontsize=8)
     fig.tight_layout()
     path = report.figure(suffix)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    fig.savefig(path)
     return path
 
 
-def _row(run: Run, s: dict, baseline: dict | None) -> list:
-    mib = 2**20
-    rel = f"{s['final_val_ppl'] / baseline['final_val_ppl']:.3f}" if baseline else ""
-    rank = run.flags.get("rank", 32)
-    return [run.label, "—" if run.flags["optimizer"] == "adamw" else rank, f"{run.flags['lr']:g}",
-            f"{s['tokens']:,}", f"{s['final_val_ppl']:.2f}", rel, f"{s['memory']['optimizer_state_bytes'] / mib:.1f}",
-            f"{s['memory']['gradients_bytes'] / mib:.1f}", f"{s['memory']['activations_bytes'] / mib:.1f}",
-            f"{s['peak_memory_bytes'] / mib:.0f}", f"{s['tokens_per_s']:.0f}"]
+def _cell(ppl: Ppl | str) -> str:
+    """A table cell: mean ± std, or just 'pending' / 'not planned' (the claims say what is missing)."""
+    return ppl.split(":")[0] if isinstance(ppl, str) else str(ppl)
 
 
-HEADER = ["method", "rank", "lr", "tokens", "val ppl", "× AdamW ppl", "optimizer state (MiB)", "gradients (MiB)",
-          "activations (MiB)", "peak RSS (MiB)", "tokens/s"]
+def _mib(x: float) -> str:
+    return f"{x / 2**20:.1f}"
 
 
-def run_dirs(args) -> tuple[list[Run], dict[str, Path]]:
-    """The planned runs and each one's folder under --runs (by Run.key)."""
-    runs = plan(args.scale, args.quick)
-    root = Path(args.runs) / ("pretrain-quick" if args.quick else f"pretrain-{args.scale}")
-    return runs, {run.key: root / run.key for run in runs}
+def _methods_table(study: Study) -> str:
+    grid = study.scale.lr_grid
+    base = study.at_best("adamw")
+    rows = []
+    for m in study.methods:
+        cells = []
+        for lr in grid:
+            found = [study.result(run_for(study.scale, m, lr, s)) for s in study.scale.seeds]
+            values = [_finite(f.summary["final_val_ppl"]) for f in found if f is not None]
+            cell = str(Ppl(values)) if len(values) == len(found) else (
+                f"{statistics.fmean(values):.2f} ({len(values)} of {len(found)} seeds)" if values else "pending")
+            cells.append(f"**{cell}**" if lr == study.best_lr(m) else cell)
+        ppl, summaries = study.at_best(m), study.summaries(m)
+        best = study.best_lr(m)
+        edge = best is not None and best in (grid[0], grid[-1]) and len(grid) > 1
+        rows.append([m, "pending" if best is None else f"{best:g}" + (" (grid's edge)" if edge else ""), _cell(ppl),
+                     f"{ppl.mean / base.mean:.3f}" if not _pending(ppl, base) else "", *cells,
+                     *([_mib(statistics.fmean(s["optimizer_state_bytes"] for s in summaries)),
+                        f"{statistics.fmean(s['peak_memory_bytes'] for s in summaries) / 2**20:.0f}",
+                        f"{statistics.fmean(s['tokens_per_s'] for s in summaries):.0f}"] if summaries else ["", "", ""])])
+    header = ["method", "best lr", "val ppl at best lr", "× AdamW", *(f"val ppl, lr {lr:g}" for lr in grid),
+              "optimizer state (MiB)", "peak RSS (MiB)", "tokens/s"]
+    return table(header, rows)
+
+
+def _variant_table(study: Study, rows: list[tuple[str, str, dict]]) -> str:
+    out = []
+    for label, method, variant in rows:
+        ppl, summaries = study.at_best(method, **variant), study.summaries(method, **variant)
+        lr = study.best_lr(method)
+        out.append([label, "pending" if lr is None else f"{lr:g}", _cell(ppl),
+                    _mib(statistics.fmean(s["optimizer_state_bytes"] for s in summaries)) if summaries else "",
+                    f"{statistics.fmean(s['tokens_per_s'] for s in summaries):.0f}" if summaries else ""])
+    return table(["run", "lr (the method's best)", "val ppl", "optimizer state (MiB)", "tokens/s"], out)
+
+
+def _runs_table(study: Study, runs: list[Planned]) -> str:
+    rows = []
+    for run in runs:
+        found = study.result(run)
+        if found is None:
+            rows.append([run.key, study.store.status(run), "", "", ""])
+            continue
+        p = found.provenance
+        rows.append([run.key, "stored", f"{found.summary['final_val_ppl']:.2f}",
+                     f"`{p['commit'][:10]}`" + (" (dirty)" if p["dirty"] else ""), f"{p['wall_s'] / 60:.1f}"])
+    return table(["run", "status", "val ppl", "commit (dirty: training code not as committed)", "wall time (min)"],
+                 rows)
+
+
+def _setup(study: Study, runs: list[Planned]) -> str:
+    s, b = study.scale, study.scale.base
+    summaries = [f.summary for r in runs if (f := study.result(r)) is not None]
+    tokens = b["steps"] * b["batch_size"] * b.get("grad_accum", 1) * b["seq_len"]
+    facts = ""
+    if summaries:
+        x = summaries[0]
+        facts = (f" It has {x['parameters'] / 1e6:.2f}M parameters, {x['non_embedding_parameters'] / x['parameters']:.0%} "
+                 f"of them outside the embedding and lm_head (all in the projected linear layers but the norms). "
+                 f"Tokenizer `{b.get('tokenizer') or 'the default 32k SentencePiece model'}`: {x['vocab_size']} tokens, "
+                 f"SHA-256 `{x['tokenizer_sha256'][:16]}…`; {x.get('train_tokens', '?'):,} training tokens in "
+                 f"{x.get('train_documents', '?')} documents, validation on {x['val_sequences']} held-out sequences.")
+    walls = [f.provenance["wall_s"] for r in study.grid() if (f := study.result(r)) is not None]
+    timing = (f" Measured: the {len(walls)} stored grid runs took {statistics.fmean(walls) / 60:.1f} min each on "
+              "average (one thread each, on CPU cores shared with other jobs)." if walls else "")
+    return (f"Model `{b['model']}` on `{b['data']}`, {b['steps']} steps of {b['batch_size']}"
+            f"{' x ' + str(b['grad_accum']) if b.get('grad_accum', 1) > 1 else ''} x {b['seq_len']} tokens = "
+            f"{tokens:,} tokens per run, in the order fixed by the seed (the same for every method: model init, data "
+            f"order and random projections all follow `--seed`).{facts} Rank {b.get('rank')}, refresh gap "
+            f"{b['update_gap']} steps, scale {b['scale']}, gradient clipping 1.0, {b.get('dtype', 'float32')}. "
+            f"Learning rates: {LR_RULE} Grid: {', '.join(f'{x:g}' for x in s.lr_grid)}; seeds "
+            f"{', '.join(map(str, s.seeds))}; a method's best lr has the lowest mean validation perplexity over "
+            f"the seeds, and a best lr at the grid's edge is marked (a wider grid might do better). Methods: "
+            f"{', '.join(study.methods)}"
+            f"{'' if 'galore-torch' in study.methods or 'galore-torch' not in s.methods else ' (galore-torch: not installed)'}."
+            f"{timing}")
 
 
 def dry_run(args) -> list[str]:
-    """The training runs main(args) starts, in order."""
-    runs, dirs = run_dirs(args)
-    return [flags_to_cli("train", {**run.flags, "out": dirs[run.key]}) for run in runs]
+    """Each planned run with what would happen to it (reuse, resume, run, rerun and why), and what waits."""
+    study = Study(args, dry_run=True)
+    runs, waiting = study.planned()
+    lines = [f"[{study.store.status(r)}] {study.store.command(r)}" for r in runs]
+    return lines + [f"[waiting for its method's learning-rate grid] {w}, seeds "
+                    f"{', '.join(map(str, study.scale.seeds))}" for w in waiting]
 
 
 def main(args) -> Path:
-    runs, dirs = run_dirs(args)
+    study = Study(args)
     report = Report("pretrain", args.out, args.argv)
-    results = {run.key: harness("train", run.flags, dirs[run.key]) for run in runs}
-
-    def study(name):
-        return [r for r in runs if r.study == name]
-
-    methods, ranks, batches, seeds, sizes = (study(n) for n in ("methods", "rank", "batch", "seeds", "size"))
-    base_run = next((r for r in methods if r.label == "adamw"), None)
-    base = results[base_run.key] if base_run else None
-    fig1 = _plot(report, "", "methods (equal tokens, seed 0)", methods, dirs)
-    fig2 = _plot(report, "batch", "GaLore vs GoLore at two batch sizes", batches, dirs)
-    galore_main = next((r for r in methods if r.label == "galore"), None)
-    rank_rows = [_row(r, results[r.key], base) for r in ranks]
-    if galore_main:
-        rank_rows.append(_row(galore_main, results[galore_main.key], base))
-    rank_rows.sort(key=lambda row: int(row[1]))
-    switch = {r.label: _switch_summary(results[r.key]) for r in methods if r.label == "auto"}
-    first = methods[0].flags
-    paper_rows = [[m, f"{full:.2f}", f"{ga:.2f}", f"{ga / full:.3f}", r] for m, (full, ga, r) in PAPER.items()]
-    commands = "\n".join(dry_run(args))
-    body = f"""
-Claims: GaLore (Zhao et al. 2024, Table 2) pretrains LLaMA 60M–1B on C4 to within 0.5–2.4% of full-rank Adam's
-validation perplexity with less optimizer memory; GoLore (He et al. 2024) and GoLore@20% match or beat GaLore;
-Online Subspace Descent (Liang et al. 2024) and RSO (Chen et al. 2025) reach comparable perplexity with less
-memory (RSO: also less activation memory and time per step). This CPU run checks the *direction* of these claims
-on `{first['model']}` (hidden 128, 6 layers; 9.4M parameters, 8.2M of them the dense 32k embedding and lm_head)
-trained on the offline BBC News corpus; it cannot check the papers' numbers.
-
-Setup: every run {first['steps']} steps, batch {first['batch_size']} x {first['seq_len']} tokens (methods and rank
-studies: equal tokens), seed 0 (model init, data order, random projections), cosine schedule with
-{first['warmup']} warm-up steps, gradient clipping 1.0, fp32, rank 32 = d/4 unless stated, refresh gap
-{first['update_gap']} (GoLore@20% switches to random projections at step {int(first['steps'] * 0.8)}), scale
-0.25. Learning rates follow GaLore's recipe: AdamW 1e-3, the projected methods and RSO 1e-2 (their linear layers
-move by scale x lr: RSO steps its B at lr x scale, which with its orthonormal P makes its steps GoLore's with the
-moments reset at every merge; embeddings, norms and lm_head are trained densely at lr). Controls: `adamw (lr 0.01)`
-and `rso (lr 0.001)` swap the two learning rates, since in a short run the lr of the dense embeddings (most of
-llama-tiny's parameters) moves the perplexity a lot; `golore (moments reset)` is the GoLore run that RSO's steps
-equal, up to which layers share a random subspace (RSO: one P per shared input, q/k/v and gate/up; GoLore: one
-basis per weight), and `rso (moments project)` carries B's first moments across merges, as default GoLore does. Validation: the same
-{first['eval_batches'] * first['batch_size']} held-out sequences for every run. Memory columns are the harness's
-measured report (optimizer state: `opt.state_bytes()` for ours, the state's tensors for torch's AdamW and
-galore-torch — which leaves out galore-torch's projection matrices, held in a Python object; peak RSS: the
-whole process, including Python, torch and the data). tokens/s: wall clock on 2 shared CPU cores, so only rough.
-
-## Methods at equal tokens
-
-![methods]({fig1.name})
-
-{table(HEADER, [_row(r, results[r.key], base) for r in methods])}
-
-auto: {switch.get('auto', 'not run')}.
-
-## Rank ablation (GaLore)
-
-{table(HEADER, rank_rows)}
-
-## GaLore vs GoLore at a small and a large batch (same steps, so the large batch sees more tokens)
-
-![batch]({fig2.name})
-
-{table(HEADER, [_row(r, results[r.key], base) for r in batches])}
-
-## RSO against GoLore across seeds (seed 0: the methods study)
-
-{seed_table(methods + seeds, results)}
-
-## RSO against GoLore on llama-small (hidden 384, 8 layers; rank 96 = d/4; seed 0; else as above)
-
-{table(HEADER, [_row(r, results[r.key], results[sizes[0].key]) for r in sizes]) if sizes else "(not run)"}
-
-## The papers' numbers (GaLore Table 2, C4, validation perplexity)
-
-{table(["model", "full-rank Adam", "GaLore", "GaLore / full", "rank"], paper_rows)}
-
-VERDICT
-
-## Commands
-
-Each run, as `subspace-optim train` (what `reproduce pretrain` ran, in this order):
-
-```
-{commands}
-```
-
-`subspace-optim reproduce pretrain --scale paper --dry-run` prints the same studies at GaLore's sizes and recipe
-(llama-60m to llama-1b on C4, ranks 128/256/256/512, gap 200, scale 0.25, batch 512 = 128 x 4, 256 tokens,
-10k–100k steps, bf16); they need GPUs and a network and were not run here.
-"""
-    body = body.replace("VERDICT", verdict(runs, results))
-    return report.write("Pretraining LLaMA: methods, rank and batch at equal tokens", body, seeds="0 for every run; 1 and 2 as well for GoLore and RSO (the seed study)")
+    started = 0
+    while args.max_runs is None or started < args.max_runs:
+        todo = [r for r in study.planned()[0] if study.result(r) is None]
+        if not todo:
+            break
+        study.add(todo[0], study.store.execute(todo[0]))
+        started += 1
+    runs, waiting = study.planned()
+    return write(study, report, runs, waiting)
 
 
-def seed_table(runs: list[Run], results: dict) -> str:
-    """seed | GoLore ppl | RSO ppl | RSO / GoLore, one row per seed that has both, and their means."""
-    ppl = {(r.flags["optimizer"], r.flags["seed"]): results[r.key]["final_val_ppl"] for r in runs
-           if r.flags["optimizer"] in ("golore", "rso") and r.flags["lr"] == SUBSPACE_LR and "moments" not in r.flags}
-    seeds = sorted(s for (m, s) in ppl if m == "rso" and ("golore", s) in ppl)
-    if not seeds:
-        return "(not run)"
-    rows = [[s, f"{ppl['golore', s]:.2f}", f"{ppl['rso', s]:.2f}", f"{ppl['rso', s] / ppl['golore', s]:.3f}"]
-            for s in seeds]
-    mean = lambda m: sum(ppl[m, s] for s in seeds) / len(seeds)  # noqa: E731
-    rows.append(["mean", f"{mean('golore'):.2f}", f"{mean('rso'):.2f}", f"{mean('rso') / mean('golore'):.3f}"])
-    return table(["seed", "GoLore val ppl", "RSO val ppl", "RSO / GoLore"], rows)
+def write(study: Study, report: Report, runs: list[Planned], waiting: list[str]) -> Path:
+    s = study.scale
+    done = sum(study.result(r) is not None for r in runs)
+    found = [(f"{m} (lr {study.best_lr(m):g})", study.seeds(m, study.best_lr(m)))
+             for m in study.methods if study.best_lr(m) is not None]
+    fig = _figure(report, "", [("each method at its best learning rate", found)])
+    sizes = sorted({s.base["batch_size"], *s.batch_sweep})
+    panels = []
+    for b in sizes:
+        variant = {} if b == s.base["batch_size"] else {"batch": b}
+        curves = [(f"{m} (lr {study.best_lr(m):g})", study.seeds(m, study.best_lr(m), **variant))
+                  for m in ("galore", "golore", "auto") if m in study.methods and study.best_lr(m) is not None]
+        panels.append((f"batch {b}", [(m, c) for m, c in curves if c]))
+    batch_fig = _figure(report, "batch", panels)
+    results = claims(study)
+    base_rank = s.base.get("rank")
+    sections = [
+        f"""
+Questions: how much validation perplexity does each memory-saving method give up against full-rank AdamW at
+equal tokens, and which projector should one use? Claims checked as sub-studies: GaLore within a few % of AdamW
+(Zhao et al. 2024), GoLore@20% and online PCA against GaLore (He et al. 2024; Liang et al. 2024), RSO against
+GoLore (Chen et al. 2025), GaLore's rank ablation, and GaLore vs GoLore vs auto across batch sizes at equal tokens.
 
+Status: {done} of {len(runs)} runs stored{f"; {len(waiting) * len(s.seeds)} sub-study runs wait for their method's lr grid" if waiting else ""}.
+Missing runs make their rows "pending"; `subspace-optim reproduce pretrain` runs what is missing (`--max-runs N` at
+most N per invocation; `--dry-run` lists them).
 
-def _switch_summary(summary: dict) -> str:
-    """'N parameters switched to random projections: at step s (count), ...' from summary.json's switch_steps."""
-    steps = list((summary.get("switch_steps") or {}).values())
-    if not steps:
-        return "no parameter switched to random projections"
-    counts = {s: steps.count(s) for s in sorted(set(steps))}
-    return (f"{len(steps)} projected parameters switched to random projections, at step "
-            + ", ".join(f"{s} ({n})" for s, n in counts.items()))
+## Set-up
 
+{_setup(study, runs)}
 
-def verdict(runs: list[Run], results: dict) -> str:
-    """Plain statements of what the numbers show, computed from them."""
-    by = {r.label: results[r.key] for r in runs if r.study == "methods"}
-    lines = ["## What matched and what did not", ""]
-    if "adamw" in by:
-        ppl0 = by["adamw"]["final_val_ppl"]
-        for label, s in by.items():
-            if label != "adamw":
-                lines.append(f"- {label}: val ppl {s['final_val_ppl']:.2f} = {s['final_val_ppl'] / ppl0:.3f} x AdamW's "
-                             f"{ppl0:.2f}; optimizer state {s['optimizer_state_bytes'] / by['adamw']['optimizer_state_bytes']:.2f}"
-                             f" x AdamW's; peak RSS {s['peak_memory_bytes'] / by['adamw']['peak_memory_bytes']:.2f} x.")
-    size = {r.label.removeprefix("llama-small "): results[r.key] for r in runs if r.study == "size"}
-    pairs = (("rso", "golore"), ("rso", "golore (moments reset)"), ("rso (moments project)", "golore"),
-             ("rso (moments project)", "golore (side right)"))
-    for model, group in (("llama-tiny", by), ("llama-small", size)):
-        for mine, theirs in pairs:
-            if mine in group and theirs in group:
-                a, b = group[mine]["final_val_ppl"], group[theirs]["final_val_ppl"]
-                lines.append(f"- {model}, {mine} against {theirs}: val ppl {a:.2f} vs {b:.2f} (ratio {a / b:.3f}).")
-    batch = {r.label: results[r.key] for r in runs if r.study == "batch"}
-    for b in sorted({int(k.split("b=")[1]) for k in batch}):
-        ga, go = batch.get(f"galore b={b}"), batch.get(f"golore b={b}")
-        if ga and go:
-            lines.append(f"- batch {b}: GaLore {ga['final_val_ppl']:.2f}, GoLore {go['final_val_ppl']:.2f} "
-                         f"(GoLore / GaLore = {go['final_val_ppl'] / ga['final_val_ppl']:.3f}).")
-    return "\n".join(lines)
+Memory columns are the harness's measured report (optimizer state: `opt.state_bytes()` for ours, the state's
+tensors for torch AdamW and galore-torch, which leaves out galore-torch's projection matrices; peak RSS: the whole
+process). tokens/s: wall clock on shared CPU cores, rough. The loss curves are training losses: no token is seen
+twice, so each is an estimate of the held-out loss.
+
+## Methods at their best learning rate
+
+{f"![loss against tokens]({fig.name})" if fig else "(the figure appears once a method's grid is complete)"}
+
+{_methods_table(study)}
+""",
+        "## GaLore's rank (at GaLore's best lr)\n\n" + _variant_table(study, [
+            (f"galore r={r}", "galore", {} if r == base_rank else {"rank": r})
+            for r in sorted({base_rank, *s.ranks})]) if "galore" in study.methods else "",
+        "## Batch size at equal tokens (each method at its best lr from the grid)\n\n"
+        + (f"![batch sweep]({batch_fig.name})\n\n" if batch_fig else "")
+        + _variant_table(study, [(f"{m} batch {b}", m, {} if b == s.base["batch_size"] else {"batch": b})
+                                 for b in sizes for m in ("galore", "golore", "auto") if m in study.methods]),
+        "## The papers' numbers (GaLore Table 2, C4, validation perplexity)\n\n" + table(
+            ["model", "full-rank Adam", "GaLore", "GaLore / full", "rank"],
+            [[m, f"{a:.2f}", f"{g:.2f}", f"{g / a:.3f}", r] for m, (a, g, r) in PAPER.items()]),
+        "## Runs\n\nEach run's commit is the code that trained it (stored in `pretrain-runs/KEY/provenance.json` "
+        "with its training-code digest); a run whose training code has changed since is run again.\n\n"
+        + _runs_table(study, runs) + "\n\nCommands (`subspace-optim train`, in the order they run):\n\n```\n"
+        + "\n".join(study.store.command(r) for r in runs) + "\n```",
+    ]
+    body = "\n\n".join(x.strip("\n") for x in sections if x)
+    return report.write("Pretraining: quality against memory, at each method's best learning rate", "\n" + body,
+                        seeds=", ".join(map(str, s.seeds)) + " for every method and learning rate",
+                        verdicts=[c.row() for c in results])

@@ -34,10 +34,16 @@ def provenance() -> dict:
 
 
 def table(header: list[str], rows: list[list]) -> str:
-    """A markdown table; floats are written as given (format them before)."""
-    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
-    lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
-    return "\n".join(lines)
+    """A markdown table; floats are written as given (format them before). A '|' inside a cell is escaped."""
+    def line(cells):
+        return "| " + " | ".join(str(c).replace("|", "\\|") for c in cells) + " |"
+
+    return "\n".join([line(header), "|" + "|".join("---" for _ in header) + "|", *map(line, rows)])
+
+
+#: The columns of every report's closing "## Verdicts" table, which `reproduce index` copies into the results index.
+VERDICT_HEADER = ["claim (paper)", "verdict", "our numbers", "the paper's"]
+VERDICTS = "## Verdicts"
 
 
 class Report:
@@ -59,7 +65,8 @@ class Report:
     def figure(self, suffix: str = "") -> Path:
         return self.out_dir / f"{self.name}{'-' + suffix if suffix else ''}.png"
 
-    def write(self, title: str, body: str, seeds) -> Path:
+    def write(self, title: str, body: str, seeds, verdicts: list[list[str]] | None = None) -> Path:
+        """The report: header, ``body``, and the verdict rows (VERDICT_HEADER's columns) as its last section."""
         wall = time.time() - self.t0
         commit = self.source["commit"]
         dirty = (f" (uncommitted changes in {', '.join(self.source['dirty'])})" if self.source["dirty"]
@@ -80,6 +87,9 @@ class Report:
             "in this process, 1 in each training run it starts",
             "",
         ]
+        if verdicts:
+            body = (body.rstrip() + f"\n\n{VERDICTS}\n\nThe claims and what this report found (copied into the results "
+                    "index by `subspace-optim reproduce index`):\n\n" + table(VERDICT_HEADER, verdicts))
         path = self.out_dir / f"{self.name}.md"
         path.write_text("\n".join(header) + body.rstrip() + "\n")
         print(f"wrote {path}")
@@ -91,7 +101,7 @@ def harness(command: str, flags: dict, out: Path) -> dict:
     fresh Python process (its output in OUT.log beside it) and return its summary.json. A run already finished
     in ``out`` with the same settings is reused; an unfinished or different one is deleted and run again."""
     summary = out / "summary.json"
-    if summary.is_file() and _same_config(out / "config.json", flags):
+    if summary.is_file() and same_config(_read_json(out / "config.json"), flags):
         REUSED.append(out)
         return json.loads(summary.read_text())
     if out.exists():  # interrupted, or run with other settings: start again from scratch, one process per run
@@ -110,10 +120,16 @@ def harness(command: str, flags: dict, out: Path) -> dict:
     return json.loads(summary.read_text())
 
 
-def _same_config(path: Path, flags: dict) -> bool:
+def _read_json(path: Path) -> dict | None:
     try:
-        config = json.loads(path.read_text())
+        return json.loads(path.read_text())
     except (OSError, ValueError):
+        return None
+
+
+def same_config(config: dict | None, flags: dict) -> bool:
+    """Whether a run's resolved config.json says what ``flags`` ask (flags left out may be anything)."""
+    if config is None:
         return False
     return all(str(config.get(k)) == str(v) for k, v in flags.items() if v is not True) and \
         all(config.get(k) is True for k, v in flags.items() if v is True)

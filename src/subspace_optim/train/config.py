@@ -55,7 +55,8 @@ class TrainConfig:
                    "files, or a .jsonl/.csv file with text and label fields")
     text_field: str = _f("text", "field holding the text in jsonl/csv/hub records")
     label_field: str = _f("label", "field holding the class label in jsonl/csv records", only="classify")
-    tokenizer: str | None = _f(None, "SentencePiece .model or HF tokenizer.json (default: the LLaMA-style 32k "
+    tokenizer: str | None = _f(None, "SentencePiece .model, HF tokenizer.json, or bpe:N (a byte-level BPE of N "
+                               "tokens trained on the training split, cached) (default: the LLaMA-style 32k "
                                "SentencePiece model shipped by mistral-common)", type=str, only="lm")
     val_fraction: float | None = _f(None, "share of documents held out for validation, chosen by a hash of "
                                     "the text", type=float)

@@ -15,6 +15,7 @@ from .data import (CHUNK_TOKENS, ShuffledBatches, StreamBatches, Tokenizer, hub_
 from .loss import causal_lm_loss, fused_parts
 from .models import build_causal_lm, causal_lm_config, count_parameters, max_positions
 from .task import Task
+from .tokenizer import load_tokenizer
 
 
 def _encode(docs: Iterable[str], tokenizer: Tokenizer, chunk: int = 256) -> Iterator[list[int]]:
@@ -25,13 +26,19 @@ def _encode(docs: Iterable[str], tokenizer: Tokenizer, chunk: int = 256) -> Iter
 
 
 def lm_task(cfg: TrainConfig) -> Task:
-    tokenizer = Tokenizer(cfg.tokenizer)
+    hub = is_hub_name(cfg.data)
+    docs = None if hub else read_documents(cfg.data, cfg.text_field)
+    single = docs is not None and len(set(docs)) <= 1
+    # Local data is split first: a trained tokenizer (--tokenizer bpe:N) sees the training documents only. A single
+    # document is split by token chunks, after tokenizing: a trained tokenizer then sees all of it.
+    train_docs, val_docs = (None, None) if hub or single else split(docs, cfg.val_fraction)
+    tokenizer, tokenizer_info = load_tokenizer(cfg.tokenizer, docs if single else train_docs)
     config = causal_lm_config(cfg.model, tokenizer.vocab_size, tokenizer.bos_id, tokenizer.eos_id)
     limit = max_positions(config)
     if limit is not None and cfg.seq_len > limit:
         raise UsageError(f"--seq-len {cfg.seq_len} is longer than {cfg.model} allows ({limit} positions)")
 
-    if is_hub_name(cfg.data):
+    if hub:
         if cfg.eval_batches == 0:
             raise UsageError("--eval-batches 0 (the whole validation split) needs local data, not a stream")
         docs = lambda: hub_documents(cfg.data, cfg.text_field)  # noqa: E731
@@ -42,9 +49,7 @@ def lm_task(cfg: TrainConfig) -> Task:
         batches = StreamBatches(train_seqs, cfg.batch_size)
         info = {"data": cfg.data}
     else:
-        docs = read_documents(cfg.data, cfg.text_field)
-        if len(set(docs)) > 1:
-            train_docs, val_docs = split(docs, cfg.val_fraction)
+        if not single:
             train_ids, val_ids = _encode(train_docs, tokenizer), _encode(val_docs, tokenizer)
             info = {"split": "documents", "train_documents": len(train_docs), "val_documents": len(val_docs)}
         else:  # one document, e.g. a book with one sentence per line: split its token stream instead
@@ -64,6 +69,7 @@ def lm_task(cfg: TrainConfig) -> Task:
     if cfg.eval_batches:
         val = val[: cfg.eval_batches * cfg.batch_size]
     info["val_sequences"] = len(val)
+    info.update(tokenizer_info)
 
     model = build_causal_lm(config)
     info.update(count_parameters(model))

@@ -1,0 +1,267 @@
+"""The pretraining study (`reproduce pretrain`): its trained tokenizer, its model, its verdict rules, its run store
+(reuse, code changes, resuming) and the results index built from the reports. The study itself runs at --quick size."""
+
+from __future__ import annotations
+
+import json
+import shlex
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from subspace_optim.cli import EXPERIMENTS, main
+from subspace_optim.experiments import index, pretrain, runstore
+from subspace_optim.experiments.pretrain import SCALES, Ppl, better, not_worse, run_for
+from subspace_optim.train.config import UsageError
+from subspace_optim.train.tokenizer import bpe_key, file_sha256, load_tokenizer, trained_bpe
+
+ROOT = Path(__file__).resolve().parents[1]
+DOCS = [f"Story {i}: the council of {town} approved the budget for the new library and the school. " * 4
+        for i, town in enumerate(["Leeds", "York", "Bath", "Ely", "Hull", "Wells"] * 5)]
+QUICK = Path("runs/reproduce/quick")
+
+
+# ---------------------------------------------------------------- tokenizer
+
+
+def test_trained_bpe_is_deterministic_across_processes(tmp_path, monkeypatch):
+    monkeypatch.setenv("SUBSPACE_OPTIM_CACHE", str(tmp_path / "a"))
+    here = trained_bpe(300, DOCS).read_bytes()
+    # another process: the Rust side's hash maps are seeded per process
+    code = ("import json, sys; from subspace_optim.train.tokenizer import trained_bpe; "
+            "print(trained_bpe(300, json.loads(sys.stdin.read())))")
+    path = subprocess.run([sys.executable, "-c", code], input=json.dumps(DOCS), capture_output=True, text=True,
+                          check=True, env={"SUBSPACE_OPTIM_CACHE": str(tmp_path / "b"),
+                                           "PYTHONPATH": str(ROOT / "src"), "PATH": "/usr/bin:/bin"}).stdout
+    assert Path(path.strip()).read_bytes() == here
+    assert Path(path.strip()).parent != (tmp_path / "a" / "tokenizers")
+
+
+def test_trained_bpe_is_cached_by_documents_settings_and_size(tmp_path, monkeypatch):
+    monkeypatch.setenv("SUBSPACE_OPTIM_CACHE", str(tmp_path))
+    first = trained_bpe(300, DOCS)
+    import tokenizers.trainers
+
+    monkeypatch.setattr(tokenizers.trainers, "BpeTrainer", None)  # a second training would fail
+    assert trained_bpe(300, DOCS) == first
+    assert len({bpe_key(300, DOCS), bpe_key(301, DOCS), bpe_key(300, DOCS[:-1])}) == 3
+
+
+def test_load_tokenizer_refuses_streams_and_tiny_vocabularies():
+    with pytest.raises(UsageError, match="streamed dataset"):
+        load_tokenizer("bpe:300", None)
+    with pytest.raises(UsageError, match="at least 258"):
+        load_tokenizer("bpe:100", DOCS)
+
+
+def test_a_run_records_its_tokenizer_trained_on_the_training_split(tmp_path):
+    from subspace_optim.train.data import read_documents, split
+
+    data = tmp_path / "toy.txt"
+    data.write_text("\n\n".join(DOCS + [f"Held out {i}: a quarrel about zebras and quinces." for i in range(40)]))
+    out = tmp_path / "run"
+    assert main(["train", "--data", str(data), "--tokenizer", "bpe:300", "--steps", "1", "--batch-size", "2",
+                 "--seq-len", "16", "--eval-batches", "1", "--quiet", "--out", str(out)]) == 0
+    info = json.loads((out / "info.json").read_text())
+    assert info["tokenizer"] == "bpe:300" and info["vocab_size"] == 300
+    assert info["tokenizer_sha256"] == file_sha256(Path(info["tokenizer_file"]))
+    train_docs = split(read_documents(str(data)), 0.05)[0]
+    assert len(train_docs) < len(DOCS) + 40  # some documents were held out, and the file is keyed by the rest
+    assert bpe_key(300, train_docs)[:20] in Path(info["tokenizer_file"]).name
+
+
+# ---------------------------------------------------------------- the study's design
+
+
+def test_llama_study_is_mostly_projected_linear_layers():
+    """At least 70% of the study model's parameters are in the weights that the subspace methods project."""
+    from subspace_optim import subspace_param_groups
+    from subspace_optim.train.models import build_causal_lm, causal_lm_config
+    from subspace_optim.train.tokenizer import bpe_vocab_size
+
+    base = SCALES["cpu"].base
+    model = build_causal_lm(causal_lm_config(base["model"], bpe_vocab_size(base["tokenizer"]), 0, 1))
+    groups = subspace_param_groups(model, rank=base["rank"])
+    projected = sum(p.numel() for g in groups if "rank" in g for p in g["params"])
+    assert projected / sum(p.numel() for p in model.parameters()) >= 0.7
+
+
+def test_every_run_sees_a_million_tokens_in_the_same_order():
+    scale = SCALES["cpu"]
+    runs = [run_for(scale, m, lr, s) for m in scale.methods for lr in scale.lr_grid for s in scale.seeds]
+    runs += [run_for(scale, "galore", 1e-2, 0, batch=b) for b in scale.batch_sweep]
+    for run in runs:
+        f = run.flags
+        assert f["steps"] * f["batch_size"] * f["seq_len"] == 512 * 8 * 256 >= 10**6
+        assert f["data"] == "bbcnews" and f["eval_batches"] == 0  # the whole validation split
+    assert len({r.key for r in runs}) == len(runs)
+    assert len(scale.lr_grid) >= 3 and len(scale.seeds) >= 2
+    # what differs between two methods' runs at one lr and seed: the optimizer only (and AdamW has no rank)
+    a, b = run_for(scale, "galore", 1e-2, 0).flags, run_for(scale, "rso", 1e-2, 0).flags
+    assert {k for k in a if a[k] != b.get(k)} == {"optimizer"}
+
+
+def test_verdict_rules():
+    assert not_worse(Ppl([101, 103]), Ppl([100, 100]), 0.03) == "reproduced"
+    assert not_worse(Ppl([120, 121]), Ppl([100, 101]), 0.03) == "not reproduced"
+    assert not_worse(Ppl([100, 120]), Ppl([100, 100]), 0.03).startswith("inconclusive")  # 10% worse, spread 14%
+    assert better(Ppl([90, 91]), Ppl([100, 101])) == "reproduced"
+    assert better(Ppl([100, 101]), Ppl([90, 91])) == "not reproduced"
+    assert better(Ppl([95, 105]), Ppl([100, 101])).startswith("inconclusive")
+
+
+def test_code_digest_ignores_docstrings_comments_and_layout_not_code():
+    a = 'def f(x):\n    """Doc."""\n    return x + 1  # note\n'
+    b = 'def f(x):\n    """Another doc."""\n\n    return (x +\n            1)\n'
+    assert runstore._code_only(a) == runstore._code_only(b) != runstore._code_only(a.replace("+ 1", "+ 2"))
+
+
+def test_training_code_holds_every_module_a_run_imports(tmp_path):
+    data = tmp_path / "toy.txt"
+    data.write_text("\n\n".join(DOCS))
+    code = ("import sys; from subspace_optim.cli import main; "
+            f"main(['train', '--data', {str(data)!r}, '--optimizer', 'rso', '--steps', '1', '--batch-size', '2', "
+            f"'--seq-len', '16', '--eval-batches', '1', '--quiet', '--out', {str(tmp_path / 'run')!r}]); "
+            "print(*sorted(m.__file__ for n, m in list(sys.modules.items()) if n.startswith('subspace_optim')))")
+    loaded = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                            env={"PYTHONPATH": str(ROOT / "src"), "PATH": "/usr/bin:/bin", "OMP_NUM_THREADS": "1"})
+    files = {Path(f) for f in loaded.stdout.split()[-40:] if f.endswith(".py")}
+    hashed = set(runstore.training_code())
+    assert {f for f in files if f.name not in ("cli.py", "__main__.py")} <= hashed
+    assert runstore.PACKAGE / "layers.py" in files and runstore.PACKAGE / "train" / "tokenizer.py" in hashed
+
+
+# ---------------------------------------------------------------- the study at --quick size
+
+
+@pytest.fixture(scope="module")
+def quick(tmp_path_factory):
+    """`reproduce pretrain --quick` once, in a fresh folder that holds a 'committed' docs/results."""
+    root = tmp_path_factory.mktemp("study")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.chdir(root)
+        (root / "docs" / "results").mkdir(parents=True)
+        (root / "docs" / "results" / "pretrain.md").write_text("committed\n")
+        assert main(["reproduce", "pretrain", "--quick"]) == 0
+        yield root
+
+
+def _verdicts(report: Path) -> dict[str, str]:
+    return {claim: verdict for claim, verdict, *_ in index.verdict_rows(report)}
+
+
+def test_quick_study_end_to_end(quick):
+    assert (quick / "docs" / "results" / "pretrain.md").read_text() == "committed\n"
+    assert sorted(p.name for p in (quick / "docs" / "results").iterdir()) == ["pretrain.md"]
+    report = (quick / QUICK / "pretrain.md").read_text()
+    assert "toy size" in report and "commit `" in report and "Status: 36 of 36 runs stored" in report
+    assert (quick / QUICK / "pretrain.png").stat().st_size > 0 and (quick / QUICK / "pretrain-batch.png").is_file()
+    verdicts = _verdicts(quick / QUICK / "pretrain.md")
+    assert len(verdicts) == 7 and not any(v.startswith(("**pending", "**not planned")) for v in verdicts.values())
+    stored = sorted((quick / QUICK / "pretrain-runs").iterdir())
+    assert len(stored) == 36
+    for folder in stored:
+        assert sorted(p.name for p in folder.iterdir()) == ["config.json", "metrics.csv", "provenance.json",
+                                                          "summary.json"]
+    provenance = json.loads((stored[0] / "provenance.json").read_text())
+    assert provenance["identity"]["code"] == runstore.code_digest() and len(provenance["commit"]) == 40
+    assert f"`{provenance['commit'][:10]}`" in report
+    for method in ("adamw", "galore", "golore", "golore@20", "online_pca", "auto", "rso"):
+        assert f"\n| {method} | 0.01" in report or f"\n| {method} | 0.001" in report  # its best lr
+
+
+def test_a_second_invocation_reuses_every_stored_run(quick, monkeypatch, capsys):
+    monkeypatch.chdir(quick)
+    monkeypatch.setattr(runstore.RunStore, "_launch", lambda *a: pytest.fail("a stored run was run again"))
+    assert main(["reproduce", "pretrain", "--quick"]) == 0
+    assert capsys.readouterr().out.splitlines() == [f"wrote {QUICK / 'pretrain.md'}"]
+    assert main(["reproduce", "pretrain", "--quick", "--dry-run"]) == 0
+    lines = capsys.readouterr().out.splitlines()[1:]
+    assert len(lines) == 36 and all(line.startswith("[reuse] subspace-optim train") for line in lines)
+
+
+@pytest.mark.parametrize("changed, why", [("code_digest", "its code changed since"),
+                                          ("bpe_key", "its tokenizer changed since")])
+def test_a_run_whose_code_or_tokenizer_changed_is_run_again(quick, monkeypatch, capsys, changed, why):
+    monkeypatch.chdir(quick)
+    monkeypatch.setattr(runstore if changed == "code_digest" else pretrain, changed, lambda *a: "something else")
+    assert main(["reproduce", "pretrain", "--quick", "--dry-run"]) == 0
+    lines = capsys.readouterr().out.splitlines()[1:]
+    grid = [line for line in lines if not line.startswith("[waiting")]
+    assert grid and all(line.startswith(f"[rerun: {why}") for line in grid)
+
+
+def test_index_of_the_quick_reports(quick, monkeypatch):
+    monkeypatch.chdir(quick)
+    assert main(["reproduce", "index", "--quick"]) == 0
+    text = (quick / QUICK / "README.md").read_text()
+    assert index.BEGIN in text and "| [pretrain](pretrain.md) |" in text
+    assert text.count("](pretrain.md)") == 7
+
+
+def test_max_runs_builds_the_study_over_invocations_and_an_interrupted_run_resumes(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    assert main(["reproduce", "pretrain", "--quick", "--max-runs", "0"]) == 0
+    verdicts = _verdicts(QUICK / "pretrain.md")
+    assert all(v == "**pending**" for v in verdicts.values()) and not (QUICK / "pretrain.png").exists()
+
+    from subspace_optim.train import checkpoint
+
+    save = checkpoint.save
+
+    def save_then_stop(run_dir, step, *args, **kwargs):
+        save(run_dir, step, *args, **kwargs)
+        if step == 2:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(checkpoint, "save", save_then_stop)
+    assert main(["reproduce", "pretrain", "--quick", "--max-runs", "1"]) == 130
+    monkeypatch.setattr(checkpoint, "save", save)
+    capsys.readouterr()
+    assert main(["reproduce", "pretrain", "--quick", "--dry-run"]) == 0
+    first = capsys.readouterr().out.splitlines()[1]
+    assert first.startswith("[resume from step 2] ") and "adamw-lr0.001-s0" in first
+    assert main(["reproduce", "pretrain", "--quick", "--max-runs", "1"]) == 0
+    stored = QUICK / "pretrain-runs" / "adamw-lr0.001-s0"
+    provenance = json.loads((stored / "provenance.json").read_text())
+    assert [s["finished"] for s in provenance["segments"]] == [False, True]
+    assert "Status: 1 of 28 runs stored" in (QUICK / "pretrain.md").read_text()
+
+    # the resumed run equals the same run never interrupted
+    argv = shlex.split(provenance["command"])[1:]
+    argv[argv.index("--out") + 1] = str(tmp_path / "uninterrupted")
+    assert main([*argv, "--quiet"]) == 0
+    resumed, whole = (json.loads((p / "summary.json").read_text()) for p in (stored, tmp_path / "uninterrupted"))
+    assert resumed["final_val_ppl"] == whole["final_val_ppl"] and resumed["final_train_loss"] == whole["final_train_loss"]
+
+
+# ---------------------------------------------------------------- the results index
+
+
+def test_index_copies_each_reports_verdicts_between_its_markers(tmp_path):
+    from subspace_optim.experiments.report import Report
+
+    for name, rows in (("memory", [["m claim", "**reproduced**", "a | b", "p"]]),
+                       ("counterexample", [["c claim", "**partly**", "x", "y"]]), ("other", None)):
+        Report(name, tmp_path, ["subspace-optim", "reproduce", name]).write(name, "\nbody\n", seeds=0, verdicts=rows)
+    (tmp_path / "README.md").write_text(f"intro\n\n{index.BEGIN}\nold table\n{index.END}\n\nafter\n")
+    args = type("Args", (), {"out": tmp_path})
+    index.main(args)
+    text = (tmp_path / "README.md").read_text()
+    assert text.startswith("intro\n") and text.endswith("\n\nafter\n") and "old table" not in text
+    rows = [line for line in text.splitlines() if line.startswith("| ")][1:]
+    assert rows == ["| c claim | [counterexample](counterexample.md) | **partly** | x | y |",
+                    "| m claim | [memory](memory.md) | **reproduced** | a \\| b | p |"]
+    index.main(args)
+    assert (tmp_path / "README.md").read_text() == text
+
+
+def test_the_committed_index_is_generated_from_the_committed_reports():
+    text = (ROOT / "docs" / "results" / "README.md").read_text()
+    assert index.BEGIN in text and index.END in text
+    table = text[text.index(index.BEGIN) + len(index.BEGIN):text.index(index.END)].strip()
+    assert table == index.index_table(ROOT / "docs" / "results")
+    linked = {p.stem for p in index.reports(ROOT / "docs" / "results")}
+    assert set(EXPERIMENTS) <= linked
