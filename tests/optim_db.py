@@ -125,3 +125,15 @@ def train(model, opt, steps, start=0, dtype=torch.float32):
         opt.step()
         losses.append(loss.item())
     return losses
+
+
+def assert_same_state(a: dict, b: dict) -> None:
+    """Two optimizer states (or state dicts) hold the same keys and bitwise the same values."""
+    assert a.keys() == b.keys()
+    for k, v in a.items():
+        if isinstance(v, dict):
+            assert_same_state(v, b[k])
+        elif isinstance(v, torch.Tensor):
+            assert torch.equal(v, b[k]), k
+        else:
+            assert v == b[k], k

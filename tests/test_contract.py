@@ -15,7 +15,7 @@ import torch
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from optim_db import CONTRACT
+from optim_db import CONTRACT, assert_same_state
 from subspace_optim import SubspaceAdamW
 
 SHAPES = [(10, 6), (4, 9), (10,)]  # right-projected, left-projected, dense (1-D)
@@ -77,17 +77,6 @@ def _assert_same_params(a, b, exact=True):
             torch.testing.assert_close(x, y, rtol=1e-5, atol=1e-6)
 
 
-def _assert_same_state(a, b):
-    assert a.keys() == b.keys()
-    for k, v in a.items():
-        if isinstance(v, dict):
-            _assert_same_state(v, b[k])
-        elif isinstance(v, torch.Tensor):
-            assert torch.equal(v, b[k]), k
-        else:
-            assert v == b[k], k
-
-
 @pytest.mark.parametrize("how", ["deepcopy", "pickle"])
 @pytest.mark.parametrize("config", CONTRACT, ids=repr)
 def test_copy_then_step(config, how):
@@ -106,7 +95,7 @@ def test_copy_then_step(config, how):
     _train(opt, params, 3, start=3)
     _assert_same_params(params, twin_params)
     for p, q in zip(params, twin_params):
-        _assert_same_state(opt.state[p], twin.state[q])
+        assert_same_state(opt.state[p], twin.state[q])
 
 
 @pytest.mark.parametrize("config", CONTRACT, ids=repr)
@@ -289,7 +278,7 @@ def test_loaded_state_dict_reads_back_unchanged(config):
     twin_params = [p.detach().clone().requires_grad_() for p in params]
     twin = _make(config, twin_params)
     twin.load_state_dict(copy.deepcopy(sd))
-    _assert_same_state(twin.state_dict(), sd)
+    assert_same_state(twin.state_dict(), sd)
     for group in sd["param_groups"]:
         del group["rule"], group["skipped_steps"]
     twin.load_state_dict(sd)

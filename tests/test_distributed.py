@@ -39,7 +39,8 @@ def run(tmp_path_factory):
          str(out), str(folder / "checkpoints")],
         capture_output=True, text=True, env=env, timeout=600,
     )
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
+    errors = [line for line in proc.stderr.splitlines() if "Error" in line or "error" in line]
+    assert proc.returncode == 0, "\n".join(errors[-20:]) + proc.stderr[-3000:]
     return json.loads(out.read_text()), folder / "checkpoints"
 
 

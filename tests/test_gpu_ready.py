@@ -141,3 +141,21 @@ def test_flattened_parameters_in_a_projected_group_get_a_clear_error():
     # a bias beside a weight in a projected group stays dense, as documented
     so.SubspaceAdamW([{"params": [torch.nn.Parameter(torch.randn(6, 5)), torch.nn.Parameter(torch.randn(6))],
                        "rank": 2}])
+
+
+@pytest.mark.parametrize("projector", PROJECTORS)
+@pytest.mark.parametrize("cls", RULE_CLASSES, ids=lambda c: c.__name__)
+def test_a_layerwise_step_reads_the_host_once(cls, projector, reads):
+    """Layer-wise updates run inside backward with no host read: each parameter's update is guarded on the device
+    and step() reads every parameter's non-finite flag (and auto's switches) at once."""
+    left, right, bias = meta_params()
+    opt = cls([{"params": [left, right], "rank": 2, "projector": projector, "update_gap": 2, "total_steps": 4},
+               {"params": [bias]}], lr=1e-2, layerwise=True)
+    with CountSyncs() as mode:
+        for _ in range(5):
+            loss = left.sum() + right.sum() + bias.sum()
+            loss.backward()  # the hooks update every parameter here
+            opt.step()
+    assert mode.syncs == 0
+    assert len(reads) == 5
+    assert all(p.grad is None for p in (left, right, bias))

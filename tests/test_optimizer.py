@@ -8,7 +8,7 @@ import io
 import pytest
 import torch
 
-from optim_db import CONFIGS, EXACT_ONLY, GAP, RANK, STEPS, TinyNet, batch, train
+from optim_db import CONFIGS, EXACT_ONLY, GAP, RANK, STEPS, TinyNet, assert_same_state, batch, train
 
 ALL = CONFIGS + EXACT_ONLY
 
@@ -17,17 +17,6 @@ def _fresh(config, dtype=torch.float32, **extra):
     torch.manual_seed(0)
     model = TinyNet(dtype)
     return model, config.make(model, **extra)
-
-
-def _assert_same_state(a, b):
-    assert a.keys() == b.keys()
-    for k, v in a.items():
-        if isinstance(v, dict):
-            _assert_same_state(v, b[k])
-        elif isinstance(v, torch.Tensor):
-            assert torch.equal(v, b[k]), k
-        else:
-            assert v == b[k], k
 
 
 def _params(model):
@@ -193,7 +182,7 @@ def test_nan_gradient_skips_whole_step(config):
     assert opt.skipped_steps == 1
     for a, b in zip(before_params, model.parameters()):
         assert torch.equal(a, b)
-    _assert_same_state(before_state["state"], opt.state_dict()["state"])
+    assert_same_state(before_state["state"], opt.state_dict()["state"])
     train(model, opt, 2, start=GAP)
     assert all(torch.isfinite(p).all() for p in model.parameters())
 
@@ -211,6 +200,6 @@ def test_layerwise_nan_skips_that_parameter(config):
     handle.remove()
     assert opt.skipped_steps == 1
     assert torch.equal(before, model.left.weight)
-    _assert_same_state(before_state, opt.state[model.left.weight])
+    assert_same_state(before_state, opt.state[model.left.weight])
     train(model, opt, 2, start=GAP)
     assert all(torch.isfinite(p).all() for p in model.parameters())

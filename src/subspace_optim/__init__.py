@@ -40,3 +40,12 @@ __all__ = [
     "RSOController",
 ]
 __version__ = "0.1.0"
+
+
+def __getattr__(name: str):
+    """``subspace_optim.hf`` (HF Trainer glue) is imported on first use, not by ``import subspace_optim``."""
+    if name == "hf":
+        import importlib
+
+        return importlib.import_module(".hf", __name__)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

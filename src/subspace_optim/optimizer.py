@@ -99,6 +99,72 @@ class _Work:
     layout: Layout = LOCAL
     owned: OwnedRefresh | None = None  # a data-dependent refresh waiting for its owner rank
     key: int = 0
+    mask: Tensor | None = None  # a guarded (layer-wise) update: 1 where the gradient was not finite
+
+
+def _tensors(state: dict, prefix: tuple = ()):
+    """(path, tensor) for every tensor in a state dict, nested dicts (online PCA's "pca") included."""
+    for key, value in state.items():
+        if isinstance(value, Tensor):
+            yield prefix + (key,), value
+        elif isinstance(value, dict):
+            yield from _tensors(value, prefix + (key,))
+
+
+def _lookup(state: dict, path: tuple):
+    for key in path:
+        if not isinstance(state, dict) or key not in state:
+            return None
+        state = state[key]
+    return state
+
+
+class _Guard:
+    """One layer-wise update taken before its gradient is known to be finite (see ``_update_guarded``): what it
+    may change, as it was. Tensors are copied only for the update (one parameter's state, and a dense weight), the
+    host values (counters, flags) and the keys until ``step()``."""
+
+    def __init__(self, found: Tensor, works: list[_Work]):
+        self.found = found
+        self.switches: list = []  # (state, auto's device flag, the step it would record)
+        self.saved = []
+        for w in works:
+            tensors = {path: t.detach().clone() for path, t in _tensors(w.state)}
+            weight = None if w.projected else local(w.param).detach().clone()
+            self.saved.append((w.state, _host_copy(w.state), w.param, (tensors, weight)))
+
+    def put_back_tensors(self) -> None:
+        """Where the gradient was not finite, every changed tensor takes its old value again (on the device)."""
+        keep = self.found.reshape(()).bool()
+        for i, (state, host, param, (tensors, weight)) in enumerate(self.saved):
+            for path, old in tensors.items():
+                now = _lookup(state, path)
+                if isinstance(now, Tensor) and now.shape == old.shape:
+                    local(now).copy_(torch.where(keep, local(old), local(now)))
+            if weight is not None:
+                local(param).copy_(torch.where(keep, weight, local(param)))
+            self.saved[i] = (state, host, param, None)  # the copies go now; the host side waits for step()
+
+    def undo_host(self) -> None:
+        for state, host, _, _ in self.saved:
+            _restore_host(state, host)
+
+
+def _host_copy(state: dict) -> dict:
+    """The state's keys and host values; tensors by reference (their values are put back on the device)."""
+    return {k: _host_copy(v) if isinstance(v, dict) else v for k, v in state.items()}
+
+
+def _restore_host(state: dict, saved: dict) -> None:
+    for key in [k for k in state if k not in saved]:
+        del state[key]  # created by the undone update (first moments, a first basis, a pending refresh)
+    for key, value in saved.items():
+        if isinstance(value, dict) and isinstance(state.get(key), dict):
+            _restore_host(state[key], value)
+        elif not isinstance(value, Tensor) or key not in state:
+            state[key] = value  # counters, flags; a tensor the update removed (moments="reset") comes back
+        elif state[key] is not value:
+            state[key] = value  # a replaced tensor (a new basis): the old object, which holds the old values
 
 
 def _check_not_flattened(params: list[Tensor]) -> None:
@@ -174,7 +240,8 @@ class SubspaceOptimizer(Optimizer):
         see scaled gradients): use bf16 autocast, which needs none.
       nonfinite: ``"skip"`` (default) leaves every parameter and state untouched when any gradient has a
         NaN/inf and counts it in ``skipped_steps``; ``"raise"`` raises FloatingPointError. In layer-wise mode the
-        decision is per parameter, since earlier parameters were already updated when a later gradient arrives.
+        decision is per parameter, since earlier parameters were already updated when a later gradient arrives;
+        it is applied on the device and read once, at ``step()`` (which raises there for ``"raise"``).
     """
 
     rule_name = ""
@@ -214,7 +281,7 @@ class SubspaceOptimizer(Optimizer):
 
     def _init_transient(self) -> None:
         """What is not state: the parameter maps (rebuilt from param_groups) and the layer-wise hooks."""
-        self._skipped_in_step = False
+        self._guards: list[_Guard] = []
         self._index: dict[Tensor, int] = {}
         self._group_of: dict[Tensor, dict] = {}
         self._layouts: dict[Tensor, Layout] = {}
@@ -273,9 +340,14 @@ class SubspaceOptimizer(Optimizer):
                 )
 
     def _reindex(self) -> None:
-        """Each parameter's group and index (part of its random bases' key), in param_groups order."""
-        self._group_of = {p: g for g in self.param_groups for p in g["params"]}
-        self._index = {p: i for i, p in enumerate(self._group_of)}
+        """Key the per-parameter maps by the parameters the groups hold now: accelerate's FSDP2 ``prepare`` (HF
+        Trainer's too) swaps them for DTensors after the optimizer is built, ``load_state_dict`` replaces the
+        groups. Indices stay positional, so seeds and refresh owners do not change."""
+        self._index, self._group_of, self._layouts = {}, {}, {}
+        for group in self.param_groups:
+            for p in group["params"]:
+                self._index.setdefault(p, len(self._index))
+                self._group_of[p] = group
 
     def _validate(self, group: dict) -> None:
         if group.get("rank") is not None:
@@ -459,19 +531,27 @@ class SubspaceOptimizer(Optimizer):
             if not get_projector(w.group["projector"]).tracks_gradient:
                 w.full = None  # no full-size copy outlives its projection
 
-    def _decide(self, works: list[_Work]) -> bool:
-        """Whether every gradient is finite (all ranks agree), with the step's single host synchronisation; the
-        random/SVD choices of ``auto`` refreshes are read in the same transfer."""
-        if not works:
-            return True
-        # One fused pass: a NaN/inf anywhere makes that gradient's norm non-finite (R = Pᵀ G inherits G's NaN/inf,
-        # so projected gradients are checked in the small space). As in clip_grad_norm_, a norm that overflows
-        # float32 also counts as non-finite.
+    @staticmethod
+    def _found(works: list[_Work]) -> tuple[Tensor, Tensor]:
+        """(1 if any gradient of ``works`` is non-finite, on every rank; the per-gradient flags), on the device.
+
+        One fused pass: a NaN/inf anywhere makes that gradient's norm non-finite (R = Pᵀ G inherits G's NaN/inf,
+        so projected gradients are checked in the small space). As in clip_grad_norm_, a norm that overflows
+        float32 also counts as non-finite.
+        """
         norms = torch._foreach_norm([local(w.grad) for w in works])
         bad = torch.stack([(~torch.isfinite(n)).to(torch.float32) for n in norms])
         found = bad.max().reshape(1)
         if any(w.layout.sharded or is_dtensor(w.param) for w in works):  # shards differ: all ranks must agree
             dist.all_reduce(found, op=dist.ReduceOp.MAX)
+        return found, bad
+
+    def _decide(self, works: list[_Work]) -> bool:
+        """Whether every gradient is finite (all ranks agree), with the step's single host synchronisation; the
+        random/SVD choices of ``auto`` refreshes are read in the same transfer."""
+        if not works:
+            return True
+        found, bad = self._found(works)
         pending = [w for w in works if w.refresh is not None and isinstance(w.refresh[1], Tensor)]
         flags = _read(torch.cat([found, *[w.refresh[1].reshape(1).to(found) for w in pending]]))
         for w, random in zip(pending, flags[1:]):
@@ -495,6 +575,49 @@ class SubspaceOptimizer(Optimizer):
             self._commit(group_works[0].group, group_works)
         return True
 
+    def _update_guarded(self, works: list[_Work]) -> None:
+        """A layer-wise update taken before knowing whether its gradient is finite, with no host read: a projected
+        update is masked on the device, every state tensor (and a dense weight) it changed is put back where the
+        gradient was not finite, and the host's counters and keys are put back at ``step()``, which reads every
+        parameter's flag at once (the step's one host read)."""
+        self._resolve(works)
+        found, _ = self._found(works)
+        guard = _Guard(found, works)
+        for w in works:
+            if w.projected:
+                w.mask = found
+            if w.refresh is not None and isinstance(w.refresh[1], Tensor):  # auto: its switch is read at step()
+                guard.switches.append((w.state, w.refresh[1], w.state["proj_step"]))
+                w.refresh = (w.refresh[0], False)
+        by_group: dict[int, list[_Work]] = {}
+        for w in works:
+            by_group.setdefault(id(w.group), []).append(w)
+        for group_works in by_group.values():
+            self._commit(group_works[0].group, group_works)
+        guard.put_back_tensors()
+        self._guards.append(guard)
+
+    def _settle_guards(self) -> bool:
+        """At ``step()`` in layer-wise mode: read every guarded update's flag (and auto's switches) at once, undo
+        the host side of the skipped ones; return whether all were taken."""
+        guards, self._guards = self._guards, []
+        if not guards:
+            return True
+        switches = [entry for g in guards for entry in g.switches]
+        flags = _read(torch.cat([g.found for g in guards] + [r.reshape(1).to(guards[0].found) for _, r, _ in switches]))
+        skipped = [g for g, flag in zip(guards, flags) if flag]
+        for guard in skipped:
+            guard.undo_host()
+        undone = {id(state) for g in skipped for state, *_ in g.saved}
+        for (state, _, at), random in zip(switches, flags[len(guards):]):
+            if random and id(state) not in undone:  # what Switching.commit records, known only now
+                state["random_basis"] = True
+                state["switched_at"] = at
+        if skipped and self.nonfinite == "raise":
+            which = sorted({self._index[p] for g in skipped for _, _, p, _ in g.saved})
+            raise FloatingPointError(f"non-finite gradient in parameter(s) #{which} (their updates were undone)")
+        return not skipped
+
     def _commit(self, group: dict, works: list[_Work]) -> None:
         projector = get_projector(group["projector"])
         for w in works:
@@ -512,10 +635,15 @@ class SubspaceOptimizer(Optimizer):
         # torch.distributed.checkpoint can save and reshard the state; the projection works on the local parts.
         directions = rule.direction([w.layout.wrap(w.grad) for w in projected], [w.state for w in projected], group)
         for w, direction in zip(projected, directions):
+            direction, decay = local(direction), lr * weight_decay
+            if w.mask is not None:  # a guarded update: nothing moves W where the gradient was not finite
+                keep = w.mask.reshape(()).bool()
+                direction = torch.where(keep, torch.zeros((), dtype=direction.dtype), direction)
+                decay = torch.where(keep, 0.0, decay) if weight_decay else decay
             if weight_decay:
-                local(w.param).mul_(1.0 - lr * weight_decay)
+                local(w.param).mul_(1.0 - decay)
             basis = w.layout.basis_rows(w.state["basis"])
-            self._apply_back(w.param, group, basis, local(direction), lr * group["scale"])
+            self._apply_back(w.param, group, basis, direction, lr * group["scale"])
             new = projector.track(w.full, w.grad, w.state, group, w.layout)
             if new is not None:
                 # A learned basis moves a little every step; like the paper, keep the moments as they are
@@ -597,6 +725,8 @@ class SubspaceOptimizer(Optimizer):
             )
         # Layer-wise hooks took their gradients in backward; any left were set by hand (e.g. by DCP's zero-gradient
         # step that creates the state) and take the standard path, unless a hook is still accumulating them.
+        if any(p not in self._index for group in self.param_groups for p in group["params"]):
+            self._reindex()  # the groups hold other parameters now (accelerate's FSDP2 swap)
         live = [(p, group) for group in self.param_groups for p in group["params"]
                 if p.grad is not None and not self.state.get(p, {}).get("micro")]
         if self._is_checkpoint_template_step(live):
@@ -604,9 +734,9 @@ class SubspaceOptimizer(Optimizer):
                 self._init_state(p, group)
             return loss
         works = [self._prepare(p, group, p.grad) for p, group in live]
-        if not self._update(works) or self._skipped_in_step:
+        taken = self._settle_guards()  # layer-wise updates of this step's backward
+        if not self._update(works) or not taken:
             self._count_skipped()
-        self._skipped_in_step = False
         return loss
 
     def _is_checkpoint_template_step(self, live: list) -> bool:
@@ -683,10 +813,9 @@ class SubspaceOptimizer(Optimizer):
             acc = state.pop("acc")
             pending = (state.pop("pending_basis"), True) if "pending_basis" in state else None
             works = [_Work(p, group, state, acc, True, refresh=pending, layout=layout)]
-        if not self._update(works):
-            self._skipped_in_step = True
         state.pop("acc", None)
         state["micro"] = 0
+        self._update_guarded(works)
         p.grad = None
 
     @staticmethod
@@ -877,6 +1006,10 @@ class SubspaceLion(SubspaceOptimizer):
 
     def __init__(self, params, *, lr=1e-4, betas=(0.9, 0.99), weight_decay=0.0, **kwargs):
         super().__init__(params, lr=lr, betas=tuple(betas), weight_decay=weight_decay, **kwargs)
+
+
+#: The inner rule's name -> its optimizer class.
+RULE_CLASSES = {"adamw": SubspaceAdamW, "sgd": SubspaceSGD, "adafactor": SubspaceAdafactor, "lion": SubspaceLion}
 
 
 def _with_defaults(base: type, name: str, doc: str, **paper_defaults) -> type:

@@ -255,35 +255,35 @@ def load(path: Path, model, optimizer, scheduler, batches, identity: dict, devic
     if different:
         detail = ", ".join(f"{k}: checkpoint {a!r} vs run {b!r}" for k, (a, b) in different.items())
         raise UsageError(f"checkpoint {path} does not match this run ({detail})")
-    if (path / SHARDS).is_dir():
-        try:
-            _load_shards(path / SHARDS, model, optimizer)
-            scheduler.load_state_dict(state["scheduler"])
-            batches.load_state_dict(state["data"])
-        except Exception as err:
-            raise UsageError(f"checkpoint {path / SHARDS} does not match this run: {_first_line(err)}") from None
-        set_rng_state(state["rng"])
-        return {"step": state["step"], "progress": state["progress"]}
-    if sharded:
+    if (path / SHARDS).is_dir():  # FSDP2 shards: weights and optimizer state through DCP, resharded
+        restore = lambda: _load_shards(path / SHARDS, model, optimizer)  # noqa: E731
+    elif sharded:
         raise UsageError(f"checkpoint {path} was written by a single process or DDP: resume it with "
                          "--distributed none or ddp")
+    else:
+        _load_weights(path / WEIGHTS, model, device)
+        restore = lambda: optimizer.load_state_dict(state["optimizer"])  # noqa: E731
     try:
-        mismatch = _weights_mismatch(path / WEIGHTS, model)
-        if mismatch is None:
-            missing, unexpected = load_model(model, str(path / WEIGHTS), strict=False, device=str(device))
-    except Exception as err:
-        raise UsageError(f"checkpoint weights {path / WEIGHTS} are unreadable or do not fit the model: "
-                         f"{_first_line(err)}") from None
-    if mismatch is not None:
-        raise UsageError(f"checkpoint weights {path / WEIGHTS} do not fit the model: {mismatch}")
-    if missing or unexpected:
-        raise UsageError(f"checkpoint weights {path / WEIGHTS} do not fit the model: missing "
-                         f"{sorted(missing)[:3]}, unexpected {sorted(unexpected)[:3]}")
-    try:
-        optimizer.load_state_dict(state["optimizer"])
+        restore()
         scheduler.load_state_dict(state["scheduler"])
         batches.load_state_dict(state["data"])
     except Exception as err:
         raise UsageError(f"checkpoint {path} does not match this run's optimizer or data: {_first_line(err)}") from None
     set_rng_state(state["rng"])
     return {"step": state["step"], "progress": state["progress"]}
+
+
+def _load_weights(path: Path, model, device: torch.device) -> None:
+    """model.safetensors into ``model``, or a one-line UsageError saying how it does not fit."""
+    try:
+        mismatch = _weights_mismatch(path, model)
+        if mismatch is None:
+            missing, unexpected = load_model(model, str(path), strict=False, device=str(device))
+    except Exception as err:
+        raise UsageError(f"checkpoint weights {path} are unreadable or do not fit the model: "
+                         f"{_first_line(err)}") from None
+    if mismatch is not None:
+        raise UsageError(f"checkpoint weights {path} do not fit the model: {mismatch}")
+    if missing or unexpected:
+        raise UsageError(f"checkpoint weights {path} do not fit the model: missing "
+                         f"{sorted(missing)[:3]}, unexpected {sorted(unexpected)[:3]}")

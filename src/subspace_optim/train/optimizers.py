@@ -43,10 +43,9 @@ class Method:
 
 
 def _rule_class(rule: str):
-    import subspace_optim as so
+    from subspace_optim.optimizer import RULE_CLASSES
 
-    return {"adamw": so.SubspaceAdamW, "sgd": so.SubspaceSGD, "adafactor": so.SubspaceAdafactor,
-            "lion": so.SubspaceLion}[rule]
+    return RULE_CLASSES[rule]
 
 
 def rank_for(cfg: TrainConfig, model: nn.Module) -> int:
