@@ -222,6 +222,17 @@ def convert(stored: Tensor, bits: int, signed: bool, dtype: torch.dtype) -> Tens
     return encode(decode(stored, dtype if target == 32 else torch.float32), target, signed)
 
 
+def put_back_(now: Tensor, old: Tensor, keep: Tensor) -> None:
+    """now <- old where ``keep`` (a 0-d bool tensor), on the device: a quantized tensor's codes and scales alike
+    (a guarded layer-wise update that turned out non-finite is undone this way, bit for bit)."""
+    now, old = local(now), local(old)
+    if is_quantized(now):
+        for name in ("codes", "scale"):
+            put_back_(getattr(now, name), getattr(old, name), keep)
+    else:
+        now.copy_(torch.where(keep, old, now))
+
+
 def copy_to(t: Tensor, device) -> Tensor:
     """A copy of a loaded state tensor on ``device``, in its saved form (quantized ones keep their class)."""
     if is_dtensor(t) or not is_quantized(t):

@@ -140,7 +140,7 @@ class _Guard:
             for path, old in tensors.items():
                 now = _lookup(state, path)
                 if isinstance(now, Tensor) and now.shape == old.shape:
-                    local(now).copy_(torch.where(keep, local(old), local(now)))
+                    lowbit.put_back_(now, old, keep)
             if weight is not None:
                 local(param).copy_(torch.where(keep, weight, local(param)))
             self.saved[i] = (state, host, param, None)  # the copies go now; the host side waits for step()
