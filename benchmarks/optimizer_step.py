@@ -8,9 +8,11 @@ at rank r), norms (dense). Gradients are fixed random tensors: only the optimize
 Amortized step time over a refresh period of ``gap`` steps = (t_refresh + (gap - 1) * t_regular) / gap, from the
 fastest of ``repeats`` regular steps (optimizers with the real gap) and of ``refresh-repeats`` refresh steps
 (optimizers refreshing every 2 steps, so that a refresh is timed without running a whole period). The optimizers
-are stepped round-robin, so that other load on the machine affects them alike. torch.optim.AdamW runs with foreach=True;
-galore-torch's GaLoreAdamW (optional: pip install galore-torch bitsandbytes) uses the same rank, gap and scale.
-Then the cost of one refresh per projector on GaLore's layer shapes.
+are stepped round-robin, so that other load on the machine affects them alike. torch.optim.AdamW runs with
+foreach=True and with fused=True; torchao's AdamW8bit / AdamW4bit (optional: pip install torchao) and galore-torch's
+GaLoreAdamW (optional: pip install galore-torch bitsandbytes, same rank, gap and scale) beside ours, also with
+bf16 projections and with 16-, 8- and 4-bit moments. Then the cost of one refresh per projector on GaLore's layer
+shapes.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ import time
 import torch
 
 from subspace_optim import SubspaceAdamW
+from subspace_optim.lowbit import stored_bytes
 from subspace_optim.memory import optimizer_state_bytes
 from subspace_optim.experiments.refresh_cost import refresh_costs
 
@@ -41,12 +44,14 @@ def llama60m_params():
     return dense, projected
 
 
-def analytic_minimum(dense, projected, rank, basis=True) -> int:
-    """Adam: 2 numbers per dense weight; 2 r max(m, n) (+ r min(m, n) for the basis) per projected weight;
-    one float32 step count per parameter (as torch.optim.AdamW keeps)."""
-    numbers = sum(2 * p.numel() + 1 for p in dense) + len(projected)
-    numbers += sum(2 * rank * max(p.shape) + (rank * min(p.shape) if basis else 0) for p in projected)
-    return 4 * numbers
+def analytic_minimum(dense, projected, rank, basis=True, state_bits=32) -> int:
+    """Adam: 2 moments per dense weight; 2 r max(m, n) (+ r min(m, n) float32 numbers for the basis) per projected
+    weight; one float32 step count per parameter (as torch.optim.AdamW keeps). A moment of n numbers is stored in
+    lowbit.stored_bytes(n, state_bits): 4n bytes at 32 bits, 2n at 16, codes + a scale per block + its table at
+    8 and 4 (tensors under 4096 numbers stay float32)."""
+    moments = [p.numel() for p in dense] + [rank * max(p.shape) for p in projected]
+    nbytes = sum(2 * stored_bytes(n, state_bits) for n in moments) + 4 * (len(dense) + len(projected))
+    return nbytes + (4 * sum(rank * min(p.shape) for p in projected) if basis else 0)
 
 
 def interleaved_times(optimizers: list, rounds: int, timed: set[int]) -> list[float]:
@@ -66,29 +71,42 @@ def interleaved_times(optimizers: list, rounds: int, timed: set[int]) -> list[fl
 
 
 def make_optimizers(dense, projected, args):
-    """(label, make(gap) -> optimizer, projector name or None)."""
+    """(label, make(gap) -> optimizer, projector name or None, state_bits)."""
     common = dict(lr=1e-3, weight_decay=0.0)
     groups = lambda **kw: [{"params": dense}, {"params": projected, "rank": args.rank, **kw}]  # noqa: E731
-    yield "torch AdamW (foreach)", lambda gap: torch.optim.AdamW(dense + projected, foreach=True, **common), None
+    yield "torch AdamW (foreach)", lambda gap: torch.optim.AdamW(dense + projected, foreach=True, **common), None, 0
+    yield "torch AdamW (fused)", lambda gap: torch.optim.AdamW(dense + projected, fused=True, **common), None, 0
+    try:
+        from torchao.optim import AdamW4bit, AdamW8bit
+
+        yield "torchao AdamW8bit", lambda gap: AdamW8bit(dense + projected, **common), None, 0
+        yield "torchao AdamW4bit", lambda gap: AdamW4bit(dense + projected, **common), None, 0
+    except ImportError as err:
+        print(f"(torchao not available: {err}; pip install torchao)")
     try:
         from galore_torch import GaLoreAdamW as ReferenceGaLore
 
         yield "galore-torch GaLoreAdamW", lambda gap: ReferenceGaLore(
             [{"params": dense}, {"params": projected, "rank": args.rank, "update_proj_gap": gap,
-                                 "scale": 0.25, "proj_type": "std"}], **common), None
+                                 "scale": 0.25, "proj_type": "std"}], **common), None, 0
     except ImportError as err:
         print(f"(galore-torch not available: {err}; pip install galore-torch bitsandbytes)")
-    for name, extra in [
-        ("galore", {}),
-        ("galore", {"svd": "randomized"}),
-        ("golore", {}),
-        ("hybrid", {"total_steps": 10 * args.gap}),
-        ("online_pca", {}),
-        ("auto", {}),
+    bf16 = {"projection_dtype": "bfloat16"}
+    for label, name, extra in [
+        ("galore", "galore", {}),
+        ("galore (randomized SVD)", "galore", {"svd": "randomized"}),
+        ("golore", "golore", {}),
+        ("golore, bf16 projections", "golore", bf16),
+        ("golore, 16-bit moments", "golore", {"state_bits": 16}),
+        ("golore, 8-bit moments", "golore", {"state_bits": 8}),
+        ("golore, 4-bit moments", "golore", {"state_bits": 4}),
+        ("golore, 8-bit, bf16 projections", "golore", {"state_bits": 8, **bf16}),
+        ("hybrid", "hybrid", {"total_steps": 10 * args.gap}),
+        ("online_pca", "online_pca", {}),
+        ("auto", "auto", {}),
     ]:
-        label = f"ours {name}" + (" (randomized SVD)" if extra.get("svd") else "")
-        yield label, lambda gap, name=name, extra=extra: SubspaceAdamW(
-            groups(), projector=name, update_gap=gap, scale=0.25, **extra, **common), name
+        yield f"ours {label}", lambda gap, name=name, extra=extra: SubspaceAdamW(
+            groups(), projector=name, update_gap=gap, scale=0.25, **extra, **common), name, extra.get("state_bits", 32)
 
 
 def main():
@@ -111,38 +129,38 @@ def main():
     entries = list(make_optimizers(dense, projected, args))
     # Regular steps: optimizers with the real gap, after their first (refresh) step. All share the parameters;
     # their values drift but do not matter for timing.
-    optimizers = [make(args.gap) for _, make, _ in entries]
+    optimizers = [make(args.gap) for _, make, _, _ in entries]
     regular = interleaved_times(optimizers, args.repeats + 1, set(range(1, args.repeats + 1)))
     nbytes = [optimizer_state_bytes(opt) for opt in optimizers]
     del optimizers
     # Refresh steps: the same optimizers refreshing every 2 steps; steps 2, 4, ... are refreshes.
-    optimizers = [make(2) if projector or "galore" in label else None for label, make, projector in entries]
+    optimizers = [make(2) if projector or "galore" in label else None for label, make, projector, _ in entries]
     live = [opt for opt in optimizers if opt is not None]
     times = iter(interleaved_times(live, 2 * args.refresh_repeats + 1, set(range(2, 2 * args.refresh_repeats + 1, 2))))
     refresh = [next(times) if opt is not None else reg for opt, reg in zip(optimizers, regular)]
     del optimizers, live
     rows = []
-    for (label, _, projector), reg, ref_t, size in zip(entries, regular, refresh, nbytes):
+    for (label, _, projector, bits), reg, ref_t, size in zip(entries, regular, refresh, nbytes):
         amortized = (ref_t + (args.gap - 1) * reg) / args.gap
         minimum = None
         if projector is not None:
-            minimum = analytic_minimum(dense, projected, args.rank, basis=True)
+            minimum = analytic_minimum(dense, projected, args.rank, basis=True, state_bits=bits)
             if projector == "online_pca":
                 # Adam on P: exp_avg, exp_avg_sq (d x r) and a step count
                 minimum += sum(4 * (2 * args.rank * min(p.shape) + 1) for p in projected)
             if projector == "auto":
                 minimum = None  # + one r x D statistic per parameter until it switches
         rows.append((label, reg, ref_t, amortized, size, minimum))
-    base = rows[0]
+    base, fused = rows[0], rows[1]
     ref = next((r for r in rows if r[0].startswith("galore-torch")), None)
-    print("| optimizer | regular step (s) | refresh step (s) | amortized step (s) | x AdamW | x galore-torch "
-          "| state (MB) | x AdamW state | = analytic minimum |")
-    print("|---|---|---|---|---|---|---|---|---|")
+    print("| optimizer | regular step (s) | refresh step (s) | amortized step (s) | x AdamW | x fused AdamW "
+          "| x galore-torch | state (MB) | x AdamW state | = analytic minimum |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for label, regular, refresh, amortized, nbytes, minimum in rows:
         vs_ref = f"{amortized / ref[3]:.2f}" if ref else "n/a"
         exact = "n/a" if minimum is None else ("yes" if minimum == nbytes else f"no ({minimum / 2**20:.1f} MB)")
-        print(f"| {label} | {regular:.4f} | {refresh:.4f} | {amortized:.4f} | {amortized / base[3]:.2f} | {vs_ref} "
-              f"| {nbytes / 2**20:.1f} | {nbytes / base[4]:.2f} | {exact} |")
+        print(f"| {label} | {regular:.4f} | {refresh:.4f} | {amortized:.4f} | {amortized / base[3]:.2f} "
+              f"| {amortized / fused[3]:.2f} | {vs_ref} | {nbytes / 2**20:.1f} | {nbytes / base[4]:.2f} | {exact} |")
 
     print(f"\nOne refresh at rank {args.rank} (median of {args.refresh_repeats}), and as a fraction of a full SVD:")
     print("| shape | full SVD (s) | randomized SVD | GoLore (Haar-Stiefel) | online PCA step |")

@@ -24,6 +24,7 @@ from torch.distributed.fsdp import fully_shard
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import subspace_optim as so
+from subspace_optim import lowbit
 
 RULES = {"adamw": (so.SubspaceAdamW, {"lr": 1e-2}), "sgd": (so.SubspaceSGD, {"lr": 5e-2}),
          "adafactor": (so.SubspaceAdafactor, {"lr": 1e-2}), "lion": (so.SubspaceLion, {"lr": 1e-3})}
@@ -136,9 +137,9 @@ def case_layerwise(base, rule: str, projector: str, micro: int) -> float:
     return max_error(model, ref)
 
 
-def case_checkpoint(base, rule: str, projector: str, folder: Path) -> dict:
+def case_checkpoint(base, rule: str, projector: str, folder: Path, **extra) -> dict:
     """Save at step 3 with DCP, resume in a fresh model and optimizer: bitwise equal to never stopping."""
-    cfg = settings(projector)
+    cfg = {**settings(projector), **extra}
     straight = shard(copy.deepcopy(base))
     opt = make_optimizer(rule, straight, **cfg)
     train(straight, opt, STEPS, per_rank=True)
@@ -190,6 +191,17 @@ def main(out: str, folder: str) -> None:
                             ("adamw", "online_pca")):
         sub = Path(folder) / f"{rule}-{projector}"
         results[f"dcp/{rule}/{projector}"] = case_checkpoint(base, rule, projector, sub)
+    # Low-precision moments. bf16 rounds each number alone: the sharded run matches one process as fp32 does. The
+    # worker's tensors are far below the 4096-number threshold, so 8-bit quantizes here every local moment of a
+    # whole number of 3-number blocks: a right projection's column shard (r x D_i) groups its numbers into other
+    # blocks than one process's whole r x D, so it agrees only to quantization error.
+    for projector in ("galore", "golore"):
+        results[f"fsdp2-bits16/adamw/{projector}"] = case_equivalence(base, "fsdp2", "adamw", projector, state_bits=16)
+    lowbit.MIN_QUANTIZED, lowbit.BLOCK = 1, {8: 3, 4: 2}
+    for projector in ("galore", "golore"):
+        results[f"fsdp2-bits8/adamw/{projector}"] = case_equivalence(base, "fsdp2", "adamw", projector, state_bits=8)
+        results[f"dcp-bits8/adamw/{projector}"] = case_checkpoint(base, "adamw", projector,
+                                                                  Path(folder) / f"bits8-{projector}", state_bits=8)
     results["seconds"] = time.perf_counter() - t0
     if dist.get_rank() == 0:
         for name, value in results.items():

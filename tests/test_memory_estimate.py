@@ -85,3 +85,58 @@ def test_a_rank_too_large_for_a_weight_counts_it_at_full_rank(capsys):
             {k: adam[k] for k in ("weights", "gradients", "optimizer_state", "activations")}
     assert main(["memory", "--model", "llama-tiny", "--optimizer", "rso", "--rank", "500"]) == 0
     assert "warning: rank 500: 42 linear weights" in capsys.readouterr().err
+
+
+@pytest.fixture(scope="module")
+def llama_tiny():
+    from subspace_optim.train.models import build_causal_lm, causal_lm_config
+
+    torch = pytest.importorskip("torch")
+    torch.manual_seed(0)
+    return build_causal_lm(causal_lm_config("llama-tiny", 32000, None, None))
+
+
+@pytest.mark.parametrize("state_bits", [32, 16, 8, 4])
+@pytest.mark.parametrize("optimizer, method", [("adamw", "full"), ("galore", "galore"), ("golore", "golore"),
+                                               ("rso", "rso")])
+def test_the_state_estimate_equals_the_measured_state_bytes_of_llama_tiny(llama_tiny, optimizer, method,
+                                                                          state_bits):
+    """Moments (quantized codes, block scales and tables at 8 and 4 bits), bases and step counters, byte for
+    byte, after a step of the harness's optimizer (`full` is our dense AdamW, which the estimate's adamw counts)."""
+    import copy
+
+    import torch
+
+    if state_bits in (8, 4):
+        pytest.importorskip("torchao.optim")
+    from subspace_optim.train.config import TrainConfig, resolve
+    from subspace_optim.train.optimizers import build_optimizer
+
+    model = copy.deepcopy(llama_tiny)
+    opt = build_optimizer(resolve(TrainConfig(optimizer=method, state_bits=state_bits, update_gap=10)),
+                          model).optimizer
+    for p in model.parameters():
+        if p.requires_grad:
+            p.grad = torch.randn_like(p) * 1e-3
+    opt.step()
+    est = estimate("llama-tiny", optimizer, dtype="fp32", state_bits=state_bits)
+    assert opt.state_bytes() == est["optimizer_state"] + est["counters"] + est["projection"]
+
+
+def test_llama_7b_with_8_bit_moments(capsys):
+    """The quantized state of GoLore's LLaMA-7B recipe: 1 byte per moment number, a 4-byte scale per 256 and a
+    1 KiB table per tensor, against 2 bytes in bf16."""
+    args = dict(rank=1024, layerwise=True, dtype="bf16", activations="checkpoint")
+    bf16, int8 = estimate("llama-7b", "golore", **args), estimate("llama-7b", "golore", state_bits=8, **args)
+    spec = estimate_models()["llama-7b"]
+    numbers = sum(2 * 1024 * max(s) for s in spec.linear_shapes()) + 2 * spec.dense_numel()
+    assert bf16["optimizer_state"] == 2 * numbers
+    tensors = 2 * (len(spec.linear_shapes()) + len(spec.dense_tensors()))
+    assert int8["optimizer_state"] == numbers + 4 * numbers // 256 + 1024 * tensors  # every tensor quantizes here
+    assert main(["memory", "--model", "llama-7b", "--optimizer", "golore", "--rank", "1024", "--layerwise",
+                 "--dtype", "bf16", "--activations", "checkpoint", "--state-bits", "8"]) == 0
+    out = capsys.readouterr().out
+    assert "8-bit moments" in out and f"{int8['total'] / GB:10.2f} GB" in out
+    with pytest.raises(SystemExit, match="2"):  # argparse names the choices
+        main(["memory", "--state-bits", "12"])
+    assert "choose from 32, 16, 8, 4" in capsys.readouterr().err

@@ -120,6 +120,7 @@ def test_metrics_are_mirrored_to_tensorboard(tmp_path, monkeypatch, bbc_slice):
     ("adamw", [], True),                                             # torch AdamW, tied embeddings
     ("golore@50", ["--rank", "4", "--update-gap", "2"], False),     # SVD then random projections
     ("galore", ["--rank", "4", "--update-gap", "2", "--layerwise", "--grad-accum", "2"], False),
+    ("golore", ["--rank", "4", "--update-gap", "2", "--state-bits", "8"], False),  # quantized embedding moments
 ])
 def test_resume_is_bitwise_identical(tmp_path, monkeypatch, bbc_slice, optimizer, extra, tie):
     """4 steps in one go == a run killed after step 3 (last checkpoint: step 2) and resumed: same weights
@@ -214,6 +215,19 @@ def test_side_chooses_which_dimension_is_projected(side, reduced):
     opt.step()
     state = opt.state[model[0].weight]
     assert state["basis"].shape == (reduced, 4) and state["exp_avg"].shape == (4, 80 - reduced)
+
+
+def test_state_bits_reach_our_optimizers_and_torchs_adamw_refuses_them():
+    from subspace_optim.train.config import resolve
+    from subspace_optim.train.optimizers import build_optimizer
+
+    for optimizer in ("full", "golore", "rso"):
+        opt = build_optimizer(resolve(TrainConfig(optimizer=optimizer, state_bits=16, rank=2)),
+                              torch.nn.Sequential(torch.nn.Linear(8, 8))).optimizer
+        assert {g["state_bits"] for g in opt.param_groups} == {16}
+    for optimizer in ("adamw", "galore-torch"):
+        with pytest.raises(UsageError, match="--state-bits 8: --optimizer .* holds float32 moments"):
+            run(TrainConfig(optimizer=optimizer, state_bits=8))
 
 
 def test_side_needs_a_projected_optimizer():

@@ -178,6 +178,9 @@ def _add_memory(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--activations", default="full", choices=ACTIVATION_MODELS, help="activation model: "
                         "full (Korthikanti et al. 2022, no recomputation), flash (no s x s scores), checkpoint "
                         "(layer inputs + one layer) (default: full)")
+    parser.add_argument("--state-bits", type=int, default=32, choices=(32, 16, 8, 4), help="how the moments are "
+                        "stored: 32 (in --dtype), 16 (bfloat16), 8 or 4 (block-wise quantized: a code per number, "
+                        "a float32 scale per block, a table per tensor) (default: 32)")
 
 
 def _memory(args: argparse.Namespace) -> int:
@@ -188,7 +191,8 @@ def _memory(args: argparse.Namespace) -> int:
         raise UsageError(f"unknown model {args.model!r}; expected one of {', '.join(estimate_models())}")
     try:
         est = estimate(args.model, args.optimizer, rank=args.rank, batch=args.batch, seq=args.seq,
-                       dtype=args.dtype, layerwise=args.layerwise, activations=args.activations)
+                       dtype=args.dtype, layerwise=args.layerwise, activations=args.activations,
+                       state_bits=args.state_bits)
     except ValueError as err:
         raise UsageError(str(err)) from None
     if est["full_rank_weights"]:
@@ -197,7 +201,8 @@ def _memory(args: argparse.Namespace) -> int:
     rank = f", rank {est['rank']}" if est["rank"] else ""
     print(format_estimate(est, f"{args.model} ({est['parameters'] / 1e9:.2f}B parameters), {args.optimizer}{rank}"
                           f"{', layer-wise' if args.layerwise else ''}, batch {args.batch} x {args.seq} tokens, "
-                          f"{args.dtype}, activations: {args.activations}"))
+                          f"{args.dtype}, activations: {args.activations}"
+                          + (f", {args.state_bits}-bit moments" if args.state_bits != 32 else "")))
     return 0
 
 

@@ -83,10 +83,13 @@ class Layout:
         """The rows of the basis that meet this rank's part of G."""
         return basis[self.start:self.start + self.size] if self.split == "rows" else basis
 
-    def project(self, basis: Tensor, grad: Tensor) -> Tensor:
-        """R = Pᵀ G for this rank's part of G (float32 or wider): an all-reduce of r x D when the rows are split."""
-        wide = grad.to(torch.promote_types(grad.dtype, torch.float32))
-        lowrank = self.basis_rows(basis).T.to(wide.dtype) @ wide
+    def project(self, basis: Tensor, grad: Tensor, dtype: torch.dtype = torch.float32) -> Tensor:
+        """R = Pᵀ G for this rank's part of G, computed in ``dtype`` (or wider: a float64 G stays float64), returned
+        in float32 or wider: an all-reduce of r x D when the rows are split. A bfloat16 product is the backend's
+        matmul (float32 accumulation on the CPU's oneDNN and in cuBLAS), rounded once."""
+        wide = torch.promote_types(grad.dtype, torch.float32)
+        compute = dtype if dtype == torch.bfloat16 else torch.promote_types(grad.dtype, dtype)
+        lowrank = (self.basis_rows(basis).T.to(compute) @ grad.to(compute)).to(wide)
         if self.split == "rows":
             dist.all_reduce(lowrank, group=self.group)
         return lowrank

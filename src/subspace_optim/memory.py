@@ -39,8 +39,13 @@ def gradient_bytes(model: nn.Module) -> int:
 
 def state_tensors(value):
     """Tensors in a state value: tensors, dicts of them, and objects holding them (galore-torch keeps its
-    projection matrix in a Python object in the state)."""
-    if isinstance(value, torch.Tensor):
+    projection matrix in a Python object in the state). A wrapper tensor (a DTensor, torchao's quantized optimizer
+    states) counts as the tensors it holds: codes, scales and lookup table."""
+    flatten = getattr(value, "__tensor_flatten__", None)
+    if isinstance(value, torch.Tensor) and flatten is not None:
+        for name in flatten()[0]:
+            yield from state_tensors(getattr(value, name))
+    elif isinstance(value, torch.Tensor):
         yield value
     elif isinstance(value, dict):
         for v in value.values():

@@ -12,12 +12,20 @@ plus the output layer's fp32 log-softmax, 4·b·s·V bytes. Variants (--activati
 terms (FlashAttention / torch SDPA keep no s x s score matrix); "checkpoint" keeps only each layer's input
 (2sbh) plus one layer's activations during its recomputation. RSO replaces each linear input (width w) by
 its rank-r projection, so the linear-input term becomes 2·s·b·r per projection group.
+
+Optimizer state: two moments per trained tensor, each stored as ``lowbit.stored_bytes`` says for ``state_bits``:
+at 32 bits in --dtype (the convention above; our optimizer holds a projected weight's moments in R's float32, and
+state_bits=16 / basis_dtype="bfloat16" give the 16-bit counts), at 16 in bfloat16, at 8 and 4 block-wise
+quantized (a code per number, a float32 scale per block, a lookup table per tensor; tensors under 4096 numbers
+in --dtype), as our optimizer and torchao's AdamW8bit / AdamW4bit hold them; plus one float32 step counter per
+trained tensor (AdamW's).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
+from .lowbit import check_state_bits, stored_bytes
 from .train.config import dtype_name
 from .train.models import LLAMA_SIZES, MAX_POSITIONS, default_rank
 
@@ -54,6 +62,15 @@ class ArchSpec:
         norms = L * 4 * h + 2 * h
         return self.vocab * h + self.positions * h + biases + norms
 
+    def dense_tensors(self) -> list[int]:
+        """Numbers in each parameter tensor outside the projected linear weights (they sum to dense_numel)."""
+        h, f, L = self.hidden, self.intermediate, self.layers
+        if self.kind == "llama":  # embedding, lm_head, two RMSNorms per layer, the final norm
+            return [self.vocab * h] * 2 + [h] * (2 * L + 1)
+        # embedding (tied to lm_head), positions; per layer q/k/v/o, MLP-in and MLP-out biases and two LayerNorms
+        # (weight and bias); the final LayerNorm
+        return [self.vocab * h, self.positions * h] + ([h] * 4 + [f, h] + [h] * 4) * L + [h] * 2
+
     def parameters(self) -> int:
         return sum(m * n for m, n in self.linear_shapes()) + self.dense_numel()
 
@@ -82,7 +99,8 @@ def activation_bytes(spec: ArchSpec, batch: int, seq: int, nbytes: int, model: s
 
 
 def estimate(model: str | ArchSpec, optimizer: str = "adamw", *, rank: int | None = None, batch: int = 1,
-             seq: int = 2048, dtype: str = "bf16", layerwise: bool = False, activations: str = "full") -> dict:
+             seq: int = 2048, dtype: str = "bf16", layerwise: bool = False, activations: str = "full",
+             state_bits: int = 32) -> dict:
     """Bytes of each part of training ``model`` with Adam-type ``optimizer``; keys as in ``format_estimate``.
 
     adamw: 2 moments per parameter. galore/golore: 2·r·max(m, n) moments and an r x min(m, n) basis per
@@ -91,6 +109,7 @@ def estimate(model: str | ArchSpec, optimizer: str = "adamw", *, rank: int | Non
     dense parameters. layerwise: each gradient is freed inside backward, so at most the largest one is alive.
     rank: default ``default_rank(hidden)`` (returned as ``rank``); a linear weight that it does not reduce is
     counted at full rank (``full_rank_weights`` of them), as the optimizer and ``apply_rso`` train it.
+    state_bits: how each moment tensor is stored (module docstring); ``counters``: the step counters' bytes.
     """
     spec = estimate_models()[model] if isinstance(model, str) else model
     if optimizer not in ESTIMATE_OPTIMIZERS:
@@ -99,6 +118,7 @@ def estimate(model: str | ArchSpec, optimizer: str = "adamw", *, rank: int | Non
         raise ValueError(f"unknown activation model {activations!r}; expected one of {ACTIVATION_MODELS}")
     if dtype_name(dtype) not in DTYPE_BYTES:
         raise ValueError(f"unknown dtype {dtype!r}; expected one of {', '.join(DTYPE_BYTES)} (or fp32, bf16, fp16)")
+    check_state_bits(state_bits)
     nbytes = DTYPE_BYTES[dtype_name(dtype)]
     shapes, dense = spec.linear_shapes(), spec.dense_numel()
     rank = None if optimizer == "adamw" else default_rank(spec.hidden) if rank is None else rank
@@ -113,25 +133,26 @@ def estimate(model: str | ArchSpec, optimizer: str = "adamw", *, rank: int | Non
     if optimizer == "rso":
         weights += sum(out * rank for out, _ in low)  # the B's are parameters too
         trainable = [out * rank for out, _ in low] + narrow + [dense]
+        stepped = [out * rank for out, _ in low] + narrow
     else:
         trainable = [m * n for m, n in shapes] + [dense]
+        stepped = [rank * max(m, n) for m, n in low] + narrow if optimizer in ("galore", "golore") else trainable[:-1]
+    stepped += spec.dense_tensors()  # the numbers of each moment tensor the optimizer holds (two per tensor)
     # layer-wise: one gradient alive at a time, at most the largest tensor (a linear weight, its B, or the embedding)
     gradients = max(trainable[:-1] + [spec.vocab * spec.hidden]) if layerwise else sum(trainable)
-    if optimizer in ("galore", "golore"):
-        moments = sum(2 * rank * max(m, n) for m, n in low) + 2 * (sum(narrow) + dense)
-        bases = sum(rank * min(m, n) for m, n in low)
-    else:
-        moments, bases = 2 * sum(trainable), 0
+    bases = sum(rank * min(m, n) for m, n in low) if optimizer in ("galore", "golore") else 0
+    moments = sum(2 * stored_bytes(n, state_bits, nbytes) for n in stepped)
     act = activation_bytes(spec, batch, seq, nbytes, activations, rank if optimizer == "rso" else None)
-    parts = {"weights": weights * nbytes, "gradients": gradients * nbytes, "optimizer_state": moments * nbytes,
-             "projection": bases * nbytes, "activations": act}
+    parts = {"weights": weights * nbytes, "gradients": gradients * nbytes, "optimizer_state": moments,
+             "counters": 4 * len(stepped), "projection": bases * nbytes, "activations": act}
     return {**parts, "total": sum(parts.values()), "parameters": weights, "rank": rank,
             "full_rank_weights": len(narrow) if rank is not None else 0}
 
 
 def format_estimate(est: dict, title: str) -> str:
     rows = [("weights", "weights"), ("gradients", "gradients"), ("optimizer state (moments)", "optimizer_state"),
-            ("projection bases", "projection"), ("activations", "activations"), ("total", "total")]
+            ("step counters", "counters"), ("projection bases", "projection"), ("activations", "activations"),
+            ("total", "total")]
     lines = [title]
     lines += [f"  {label:<26} {est[key] / 1e9:10.2f} GB" for label, key in rows]
     return "\n".join(lines)

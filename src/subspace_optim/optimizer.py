@@ -27,6 +27,7 @@ from torch import Tensor
 from torch.optim import Optimizer
 from torch.utils.weak import WeakIdKeyDictionary
 
+from . import lowbit
 from .distributed import LOCAL, Layout, OwnedRefresh, is_dtensor, layout_of, local, run_owned
 from .memory import state_tensors, tensor_bytes
 from .projectors import PROJECTORS, derive_seed, get_projector, haar_stiefel, reset_steps
@@ -50,6 +51,9 @@ SETTINGS = {
     "pca_lambda": 0.0,
     "pca_rule": "adamw",
     "accumulation_steps": 1,
+    "state_bits": 32,
+    "basis_dtype": "float32",
+    "projection_dtype": "float32",
 }
 MOMENTS = ("keep", "project", "rotate", "reset")
 SIDES = ("std", "left", "right")
@@ -64,6 +68,9 @@ PROJECTION_KEYS = frozenset(
 #: are regenerated from the seed, the rule and pca_rule name the state's keys): load_state_dict refuses a
 #: checkpoint saved with other values unless told to adopt them (strict=False).
 STATE_SETTINGS = ("rule", "rank", "projector", "side", "seed", "pca_rule")
+#: How the state is held and the projections computed, not what it means: load_state_dict keeps this optimizer's
+#: values and converts a checkpoint saved with others (with a warning).
+PRECISION_SETTINGS = ("state_bits", "basis_dtype", "projection_dtype")
 #: Parameter -> weak reference to the live layer-wise optimizer whose hooks update it: two would both update it.
 _HOOK_OWNERS = WeakIdKeyDictionary()
 
@@ -133,7 +140,7 @@ class _Guard:
             for path, old in tensors.items():
                 now = _lookup(state, path)
                 if isinstance(now, Tensor) and now.shape == old.shape:
-                    local(now).copy_(torch.where(keep, local(old), local(now)))
+                    lowbit.put_back_(now, old, keep)
             if weight is not None:
                 local(param).copy_(torch.where(keep, weight, local(param)))
             self.saved[i] = (state, host, param, None)  # the copies go now; the host side waits for step()
@@ -219,6 +226,11 @@ class SubspaceOptimizer(Optimizer):
       update_gap (tau), scale (alpha), projector, moments, seed, side ("std" | "left" | "right"),
       svd ("exact" | "randomized"), random_fraction and total_steps (hybrid), auto_threshold (auto),
       pca_lr (default 1/update_gap), pca_lambda, pca_rule (online_pca).
+      state_bits (32 | 16 | 8 | 4): the moments in float32 (as torch.optim), bfloat16, or block-wise quantized
+        (torchao's 8-bit / 4-bit optimizer states); see lowbit.py. The rule still computes in float32.
+      basis_dtype ("float32" | "bfloat16"): the dtype a basis is held (and saved) in.
+      projection_dtype ("float32" | "bfloat16"): the dtype of R = Pᵀ G and P U (bfloat16: the backend's matmul
+        accumulates in float32 and rounds the product once; R is then used in float32).
       layerwise: update each parameter from its post-accumulate-grad hook during backward and free its
         gradient at once; with ``accumulation_steps = k`` the *projected* gradient is accumulated over k
         micro-batches (full gradients are kept only when a data-dependent refresh needs them). Outside
@@ -373,9 +385,21 @@ class SubspaceOptimizer(Optimizer):
         get_rule(self.rule_name).check(group)
         if group.get("rank") is not None:
             _check_not_flattened(group["params"])
+        self._check_precision(group)
         for p in group["params"]:
             if p.is_complex():
                 raise ValueError(f"complex parameters are not supported (shape {tuple(p.shape)})")
+
+    def _check_precision(self, group: dict) -> None:
+        lowbit.check_state_bits(group["state_bits"])
+        lowbit.dtype_of("basis_dtype", group["basis_dtype"])
+        lowbit.dtype_of("projection_dtype", group["projection_dtype"])
+        if group["state_bits"] < 32:
+            if not get_rule(self.rule_name).low_bit:
+                raise ValueError(f"rule {self.rule_name!r} has no low-precision form (state_bits="
+                                 f"{group['state_bits']}): use state_bits=32")
+            if group["state_bits"] in lowbit.BLOCK:
+                lowbit.torchao_states()  # a clear ImportError now, rather than at the first step
 
     @staticmethod
     def _projects(p: Tensor, group: dict) -> bool:
@@ -420,10 +444,13 @@ class SubspaceOptimizer(Optimizer):
         if "basis" not in state:
             if not state.get("random_basis"):
                 raise RuntimeError(f"optimizer state of parameter #{self._index[p]} has no basis")
-            d = self._dims(p, group)[0]
-            state["basis"] = haar_stiefel(d, group["rank"], self._key(p, group, state["refreshes"] - 1),
-                                          local(p).device)
+            state["basis"] = self._random_basis(p, group, self._key(p, group, state["refreshes"] - 1))
         return state["basis"]
+
+    def _random_basis(self, p: Tensor, group: dict, key: int) -> Tensor:
+        """The Haar basis of ``key``, held in the group's basis_dtype."""
+        d = self._dims(p, group)[0]
+        return _held(haar_stiefel(d, group["rank"], key, local(p).device), group)
 
     def _key(self, p: Tensor, group: dict, refresh: int) -> int:
         """The seed of a parameter's ``refresh``-th basis: (seed, parameter index, refresh count)."""
@@ -436,21 +463,28 @@ class SubspaceOptimizer(Optimizer):
         state["refreshes"] += 1
 
     def _set_basis(self, p: Tensor, state: dict, group: dict, new: Tensor, random: bool) -> None:
-        """Install a new basis and carry the moments over according to the ``moments`` policy."""
+        """Install a new basis (in the group's basis_dtype) and carry the moments over by the ``moments`` policy.
+
+        Moments held in low precision are decoded, transformed in float32 and encoded again (second moments
+        stay >= 0: T∘T and V are)."""
         policy = group["moments"]
+        new = _held(new, group)
         if state.get("refreshes", 0) and policy != "keep":
             rule_keys = [k for k in state if k not in PROJECTION_KEYS and k != "step"]
             if policy == "reset":
                 for k in rule_keys + ["step"]:
                     del state[k]
             else:
-                transfer = new.T @ self._basis(p, state, group).to(new.dtype)  # T = P_newᵀ P_old, r x r
+                old = self._basis(p, state, group)
+                wide = torch.promote_types(torch.promote_types(new.dtype, old.dtype), torch.float32)
+                transfer = new.T.to(wide) @ old.to(wide)  # T = P_newᵀ P_old, r x r
                 for k in rule_keys:
                     moment = local(state[k])  # a sharded moment transforms shard by shard (T acts on rows)
+                    dtype = torch.promote_types(moment.dtype, wide)
                     if k in FIRST_MOMENTS:
-                        moment.copy_(transfer.to(moment.dtype) @ moment)
+                        lowbit.store_(moment, transfer.to(dtype) @ lowbit.decode(moment, dtype))
                     elif k in SECOND_MOMENTS and policy == "rotate":
-                        moment.copy_(transfer.square().to(moment.dtype) @ moment)
+                        lowbit.store_(moment, transfer.square().to(dtype) @ lowbit.decode(moment, dtype))
         state["basis"] = new.contiguous()  # as a checkpoint loads it, so that a resumed run rounds alike
         state["random_basis"] = random
 
@@ -471,7 +505,7 @@ class SubspaceOptimizer(Optimizer):
             work.key = self._key(p, group, state["refreshes"])
             d, _ = self._dims(p, group)
             if projector.is_random(state, group):
-                work.refresh = (haar_stiefel(d, group["rank"], work.key, work.full.device), True)
+                work.refresh = (self._random_basis(p, group, work.key), True)
             else:
                 rows = local(grad).reshape(local(p).shape[0], -1)
                 orient = (lambda w: w) if self._left(p, group) else (lambda w: w.T)
@@ -486,13 +520,14 @@ class SubspaceOptimizer(Optimizer):
         run_owned([w.owned for w in owned])
         for w in owned:
             projector = get_projector(w.group["projector"])
-            w.refresh = projector.settle(w.owned.basis, w.state, w.group, w.key, w.layout)
+            basis, random = projector.settle(w.owned.basis, w.state, w.group, w.key, w.layout)
+            w.refresh = (_held(basis, w.group), random)  # projected with as it will be held
             w.owned = None
         for w in works:
             if not w.projected or w.grad is not None:
                 continue
             basis = w.refresh[0] if w.refresh is not None else self._basis(w.param, w.state, w.group)
-            w.grad = w.layout.project(basis, w.full)
+            w.grad = w.layout.project(basis, w.full, _projection_dtype(w.group))
             if not get_projector(w.group["projector"]).tracks_gradient:
                 w.full = None  # no full-size copy outlives its projection
 
@@ -613,24 +648,28 @@ class SubspaceOptimizer(Optimizer):
             if new is not None:
                 # A learned basis moves a little every step; like the paper, keep the moments as they are
                 # (T = P_newᵀ P_old is not orthogonal for a non-orthonormal P, and applying it every step compounds).
-                w.state["basis"] = new
+                w.state["basis"] = _held(new, group)
             w.state["proj_step"] += 1
 
     def _apply_back(self, p: Tensor, group: dict, basis: Tensor, update: Tensor, alpha: float | Tensor) -> None:
         """W <- W - alpha * P U (left) or W <- W - alpha * (P U)ᵀ (right) on this rank's rows of W.
 
-        A weight in a narrower dtype (bf16) gets the product in float32 a block of rows at a time, so the
-        write-back never holds an m x n float32 temporary, and rounds once, as torch.optim does. A non-contiguous
-        W (e.g. a parameter made from ``w.t()``) is updated through a contiguous copy written back with ``copy_``;
-        a tensor alpha (tensor lr) scales the small U on the device instead of a host-side number.
+        P U is computed in the group's projection_dtype, widened to float32 (float64 for such an update) unless
+        that is bfloat16. A weight of another dtype (a bf16 weight with float32 products, a float32 weight with
+        bf16 ones) gets the product a block of rows at a time, so the write-back never holds an m x n temporary,
+        and rounds once, as torch.optim does. A non-contiguous W (e.g. a parameter made from ``w.t()``) is updated
+        through a contiguous copy written back with ``copy_``; a tensor alpha (tensor lr) scales the small U on the
+        device instead of a host-side number.
         """
         rows_of_w = local(p)
         contiguous = rows_of_w.contiguous()
         weight = contiguous.view(rows_of_w.shape[0], -1)
         left = self._left(p, group)
-        basis = basis.to(update.dtype)
         if isinstance(alpha, Tensor):
             update, alpha = update * alpha.to(update.dtype), 1.0
+        compute = _projection_dtype(group)
+        compute = compute if compute == torch.bfloat16 else torch.promote_types(update.dtype, compute)
+        basis, update = basis.to(compute), update.to(compute)
         if weight.dtype == basis.dtype:
             if left:
                 weight.addmm_(basis, update, alpha=-alpha)
@@ -664,7 +703,7 @@ class SubspaceOptimizer(Optimizer):
         projector = get_projector(group["projector"])
         device = local(p).device
         if not projector.random:  # a placeholder, replaced at the first refresh (no moments to carry yet)
-            state["basis"] = torch.zeros(d, group["rank"], device=device)
+            state["basis"] = _held(torch.zeros(d, group["rank"], device=device), group)
         state["random_basis"] = projector.random
         size = layout.size if layout.split == "cols" else big
         lowrank = torch.zeros(group["rank"], size, device=device)
@@ -764,11 +803,9 @@ class SubspaceOptimizer(Optimizer):
             if state["micro"] == 1 and projector.refresh_due(state, group):
                 # A data-independent refresh needs no gradient: draw it now and accumulate in its basis, but commit
                 # it (moments transported, count advanced) only with the step, as _prepare/_commit do.
-                key = self._key(p, group, state["refreshes"])
-                d = self._dims(p, group)[0]
-                state["pending_basis"] = haar_stiefel(d, group["rank"], key, local(p).device)
+                state["pending_basis"] = self._random_basis(p, group, self._key(p, group, state["refreshes"]))
             basis = state["pending_basis"] if "pending_basis" in state else self._basis(p, state, group)
-            lowrank = layout.project(basis, self._oriented(p, p.grad, group))
+            lowrank = layout.project(basis, self._oriented(p, p.grad, group), _projection_dtype(group))
             p.grad = None
             state["acc"] = lowrank if "acc" not in state else state["acc"].add_(lowrank)
             if not last:
@@ -807,13 +844,18 @@ class SubspaceOptimizer(Optimizer):
         ``strict`` (default, and what DCP's set_optimizer_state_dict gets): refuse a checkpoint whose groups were
         saved with other STATE_SETTINGS (rank, projector, side, seed, rule, pca_rule), whose state would be read
         in another subspace. ``strict=False`` adopts the saved settings, as torch.optim does for every
-        hyper-parameter (lr, betas, ... are always taken from the checkpoint).
+        hyper-parameter (lr, betas, ... are always taken from the checkpoint). The PRECISION_SETTINGS
+        (state_bits, basis_dtype, projection_dtype) are always this optimizer's: state saved at another precision
+        is converted (decoded, re-encoded) with a warning.
         """
         if strict:
             self._check_settings(state_dict["param_groups"])
+        precision = [{k: g[k] for k in PRECISION_SETTINGS} for g in self.param_groups]
         super().load_state_dict(state_dict)
-        for group in self.param_groups:
+        for group, own in zip(self.param_groups, precision):
+            group.update(own)
             self._validate(group)
+        converted = set()
         saved_ids = (i for g in state_dict["param_groups"] for i in g["params"])
         id_map = dict(zip(saved_ids, (p for g in self.param_groups for p in g["params"])))
         for idx, saved in state_dict["state"].items():
@@ -824,6 +866,25 @@ class SubspaceOptimizer(Optimizer):
                     del state[key]  # DCP's flattened loader gives {} for a key the checkpoint lacks (a random basis)
                 _restore_dtypes(state, saved, p.device)
                 self._check_loaded(p, state, self._group_of[p])
+                converted |= self._convert_precision(p, state, self._group_of[p])
+        if converted:
+            warnings.warn(f"the checkpoint's state was saved at another precision; converted: "
+                          f"{', '.join(sorted(converted))} (lossy where it narrows)", stacklevel=2)
+
+    def _convert_precision(self, p: Tensor, state: dict, group: dict) -> set[str]:
+        """Re-encode loaded moments for this group's state_bits and its basis for its basis_dtype; what changed."""
+        changed = set()
+        # what 32 bits means: the dtype the rule sees, R's (float32 or wider) or the dense parameter's
+        full = torch.promote_types(p.dtype, torch.float32) if self._projects(p, group) else p.dtype
+        for k in get_rule(self.rule_name).low_bit & state.keys():
+            new = lowbit.convert(state[k], group["state_bits"], k in FIRST_MOMENTS, full)
+            if new is not None:
+                changed.add(f"{k} from {lowbit.bits_of(state[k])} to {group['state_bits']} bits")
+                state[k] = new
+        if "basis" in state and (state["basis"].dtype == torch.bfloat16) != (_basis_dtype(group) == torch.bfloat16):
+            changed.add(f"basis from {state['basis'].dtype} to {_basis_dtype(group)}")
+            state["basis"] = state["basis"].to(_basis_dtype(group))
+        return changed
 
     def _check_settings(self, saved_groups: list[dict]) -> None:
         for i, (saved, live) in enumerate(zip(saved_groups, self.param_groups)):
@@ -853,6 +914,20 @@ class SubspaceOptimizer(Optimizer):
                 raise ValueError(f"saved {k} of parameter #{self._index[p]} does not fit its shape")
 
 
+def _basis_dtype(group: dict) -> torch.dtype:
+    return lowbit.dtype_of("basis_dtype", group["basis_dtype"])
+
+
+def _held(basis: Tensor, group: dict) -> Tensor:
+    """A basis as the group holds it: bfloat16 if basis_dtype says so, else as computed (float32, or float64 for
+    float64 gradients)."""
+    return basis.to(torch.bfloat16) if _basis_dtype(group) == torch.bfloat16 else basis
+
+
+def _projection_dtype(group: dict) -> torch.dtype:
+    return lowbit.dtype_of("projection_dtype", group["projection_dtype"])
+
+
 def _run_layerwise_hook(optimizer: weakref.ref, p: Tensor) -> None:
     """A layer-wise hook holds its optimizer weakly, so that dropping the optimizer drops its hooks too."""
     live = optimizer()
@@ -868,8 +943,8 @@ def _remove_handles(handles: list) -> None:
 
 def _restore_dtypes(live: dict, saved: dict, device) -> None:
     for k, v in saved.items():
-        if isinstance(v, Tensor) and live[k].dtype != v.dtype:
-            live[k] = v.to(device=device, copy=True)
+        if isinstance(v, Tensor) and (live[k].dtype != v.dtype or lowbit.is_quantized(v)):
+            live[k] = lowbit.copy_to(v, device)
         elif isinstance(v, dict) and k in live:
             _restore_dtypes(live[k], v, device)
 

@@ -221,12 +221,13 @@ class OnlinePCA(Projector):
         return basis
 
     def init_state(self, state, group, lowrank, layout=LOCAL):
-        basis = state["basis"]
+        basis = _learned(state["basis"])
         self._step_basis(basis, torch.zeros_like(basis), state, group, 0.0)
         reset_steps(state["pca"])
 
     def track(self, grad, lowrank, state, group, layout=LOCAL):
-        pca_grad = self.pca_gradient(grad, lowrank, state["basis"], group["pca_lambda"], layout)
+        basis = _learned(state["basis"])
+        pca_grad = self.pca_gradient(grad, lowrank, basis, group["pca_lambda"], layout)
         # The projection's step size follows the model's schedule, as in the paper's code: lr_P * lr / lr_0.
         lr = group["pca_lr"] if group["pca_lr"] is not None else 1.0 / group["update_gap"]
         initial_lr = group.get("initial_lr")
@@ -234,7 +235,12 @@ class OnlinePCA(Projector):
             lr = lr * scalar(group["lr"]) / scalar(initial_lr).clamp_min(torch.finfo(initial_lr.dtype).tiny)
         elif initial_lr:
             lr *= scalar(group["lr"]) / initial_lr
-        return self._step_basis(state["basis"], pca_grad, state, group, lr)
+        return self._step_basis(basis, pca_grad, state, group, lr)
+
+
+def _learned(basis: Tensor) -> Tensor:
+    """A learned basis as it is trained: in float32 (or float64), whatever dtype it is held in (basis_dtype)."""
+    return basis.to(torch.promote_types(basis.dtype, torch.float32))
 
 
 def reset_steps(state: dict) -> None:

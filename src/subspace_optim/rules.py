@@ -8,7 +8,8 @@ zero r x D buffer as the "parameter", lr = -1 and no weight decay: the buffer th
 
 State keys follow torch.optim (``step``, ``exp_avg``, ``exp_avg_sq``, ``momentum_buffer``) so that state reads the
 same as torch's. The optimizer transports moments to a new subspace by key kind: first moments are linear in the
-gradient, second moments are (factored) squares.
+gradient, second moments are (factored) squares. A group's ``state_bits`` (lowbit.py) stores the moments a rule
+lists in ``low_bit`` in bfloat16 or quantized; the rule itself always computes on float32 copies.
 """
 
 from __future__ import annotations
@@ -19,6 +20,8 @@ from typing import Callable
 import torch
 from torch import Tensor
 from torch.optim.adamw import adamw as torch_adamw
+
+from . import lowbit
 
 try:  # the devices with fused optimizer kernels (the CPU from torch 2.4 on)
     from torch.optim.optimizer import _get_fused_kernels_supported_devices
@@ -194,19 +197,42 @@ def _check_lion(h: dict) -> None:
 
 @dataclass(frozen=True)
 class Rule:
-    """An inner rule: its step function, its hyper-parameters with defaults, and their validation."""
+    """An inner rule: its step function, its hyper-parameters with defaults, their validation, and the state
+    entries that ``state_bits`` may store in low precision (``low_bit``; none: the rule has no quantized form)."""
 
     name: str
     fn: Callable[..., list[Tensor]]
     defaults: dict = field(default_factory=dict)
     check: Callable[[dict], None] = lambda h: None
+    low_bit: frozenset = frozenset()
 
     def __call__(self, params: list[Tensor], grads: list[Tensor], states: list[dict], group: dict, *,
                  lr: float | None = None, weight_decay: float | None = None) -> None:
-        """Update ``params`` in place with the hyper-parameters of ``group`` (lr/weight_decay overridable)."""
+        """Update ``params`` in place with the hyper-parameters of ``group`` (lr/weight_decay overridable).
+
+        With ``group["state_bits"] < 32`` the rule runs on decodings of its ``low_bit`` moments in the dtype they
+        have at 32 bits (the gradient's: float32 for a projected R), a chunk of parameters at a time (at most
+        lowbit.CHUNK numbers, or one larger tensor), encoded back after."""
         lr = scalar(group["lr"] if lr is None else lr)
         weight_decay = group.get("weight_decay", 0.0) if weight_decay is None else weight_decay
-        self.fn(params, grads, states, lr=lr, weight_decay=weight_decay, **{k: group[k] for k in self.defaults})
+        hyper = {k: group[k] for k in self.defaults}
+        bits = group.get("state_bits", 32)
+        if bits == 32:
+            return self.fn(params, grads, states, lr=lr, weight_decay=weight_decay, **hyper)
+        for chunk in lowbit.chunks([g.numel() for g in grads]):
+            views = [{k: lowbit.decode(v, grads[i].dtype) if k in self.low_bit else v for k, v in states[i].items()}
+                     for i in chunk]
+            self.fn([params[i] for i in chunk], [grads[i] for i in chunk], views, lr=lr, weight_decay=weight_decay,
+                    **hyper)
+            for i, view in zip(chunk, views):
+                state = states[i]
+                for k, v in view.items():
+                    if k not in self.low_bit:
+                        state[k] = v
+                    elif k in state:
+                        lowbit.store_(state[k], v)
+                    else:  # created by this step
+                        state[k] = lowbit.encode(v, bits, signed=k in FIRST_MOMENTS)
 
     def direction(self, grads: list[Tensor], states: list[dict], group: dict) -> list[Tensor]:
         """U for each gradient (not applied): the rule run on zero buffers with lr = -1."""
@@ -216,15 +242,19 @@ class Rule:
 
 
 RULES: dict[str, Rule] = {
-    "adamw": Rule("adamw", adamw, {"betas": (0.9, 0.999), "eps": 1e-8}, _check_adamw),
-    "sgd": Rule("sgd", sgd, {"momentum": 0.9, "dampening": 0.0, "nesterov": False}, _check_sgd),
+    "adamw": Rule("adamw", adamw, {"betas": (0.9, 0.999), "eps": 1e-8}, _check_adamw,
+                  frozenset({"exp_avg", "exp_avg_sq"})),
+    "sgd": Rule("sgd", sgd, {"momentum": 0.9, "dampening": 0.0, "nesterov": False}, _check_sgd,
+                frozenset({"momentum_buffer"})),
+    # the factored second moment (row and column means, r + D numbers) stays float32
     "adafactor": Rule(
         "adafactor",
         adafactor,
         {"beta2_decay": -0.8, "eps": (1e-30, 1e-3), "clip_threshold": 1.0, "beta1": None},
         _check_adafactor,
+        frozenset({"exp_avg", "exp_avg_sq"}),
     ),
-    "lion": Rule("lion", lion, {"betas": (0.9, 0.99)}, _check_lion),
+    "lion": Rule("lion", lion, {"betas": (0.9, 0.99)}, _check_lion, frozenset({"exp_avg"})),
 }
 
 

@@ -32,11 +32,13 @@ def _seed_rows() -> list[list]:
 
 def _method_rows(model: str, rank: int, activations: str) -> list[list]:
     rows = []
-    for optimizer, layerwise in (("adamw", False), ("galore", False), ("golore", False), ("rso", False),
-                                 ("galore", True), ("golore", True), ("rso", True)):
+    for optimizer, layerwise, bits in (("adamw", False, 32), ("galore", False, 32), ("golore", False, 32),
+                                       ("rso", False, 32), ("galore", True, 32), ("golore", True, 32),
+                                       ("rso", True, 32), ("golore", True, 8), ("golore", True, 4)):
         est = estimate(model, optimizer, rank=rank, batch=1, seq=2048, dtype="bf16", layerwise=layerwise,
-                       activations=activations)
-        label = optimizer + (" layer-wise" if layerwise else "") + ("" if optimizer == "adamw" else f" r={rank}")
+                       activations=activations, state_bits=bits)
+        label = (optimizer + (" layer-wise" if layerwise else "") + ("" if optimizer == "adamw" else f" r={rank}")
+                 + (f", {bits}-bit moments" if bits != 32 else ""))
         rows.append([label] + [_gb(est[k]) for k in ("weights", "gradients", "optimizer_state", "projection",
                                                       "activations", "total")])
     return rows
@@ -101,10 +103,10 @@ def _measured(args) -> tuple[list[list], list[str]]:
         measured = summary["memory"]
         est = estimate("llama-tiny", optimizer, rank=32 if optimizer != "adamw" else None, batch=shape["batch"],
                        seq=shape["seq"], dtype="fp32", activations="flash")
-        est_state = est["optimizer_state"] + est["projection"]
+        est_state = est["optimizer_state"] + est["counters"] + est["projection"]
         for part, m, e in (("weights", measured["weights_bytes"], est["weights"]),
                            ("gradients", measured["gradients_bytes"], est["gradients"]),
-                           ("optimizer state (+ bases)", measured["optimizer_state_bytes"], est_state),
+                           ("optimizer state (+ steps, bases)", measured["optimizer_state_bytes"], est_state),
                            ("activations", measured["activations_bytes"], est["activations"])):
             rows.append([optimizer, part, f"{m / 2**20:.2f}", f"{e / 2**20:.2f}", f"{e / m:.3f}" if m else "n/a"])
     return rows, commands
@@ -216,8 +218,10 @@ Without recomputation (`--activations full`):
        _method_rows("llama-7b", 1024, "full"))}
 
 GaLore's paper reports for LLaMA-7B (rank 1024, BF16, 8-bit Adam, layer-wise) a total under 24 GB; the rows
-above use 16-bit Adam moments, so they are larger; GoLore's memory equals GaLore's (a random basis instead of an
-SVD; it could be regenerated from a seed instead of held, saving the bases column).
+without a bit width use 16-bit Adam moments; the 8- and 4-bit rows (`--state-bits`) count block-wise quantized
+moments as our optimizer and torchao hold them (a code per number, a float32 scale per block of 256 / 128, a
+table per tensor). GoLore's memory equals GaLore's (a random basis instead of an SVD; it could be regenerated
+from a seed instead of held, saving the bases column).
 
 ## Estimate vs measured bytes (llama-tiny, fp32, through the harness)
 
@@ -227,8 +231,8 @@ report (`summary.json` → `memory`). Estimate: `estimate("llama-tiny", ..., dty
 
 {table(["optimizer", "part", "measured (MiB)", "estimate (MiB)", "estimate / measured"], rows)}
 
-Weights, gradients and optimizer state follow from the shapes; a ratio other than 1.000 there is a term the
-estimate leaves out (e.g. Adam's step counters) or the harness counts differently. Activations are a model:
+Weights, gradients and optimizer state (moments, AdamW's step counters, bases) follow from the shapes; a ratio
+other than 1.000 there is a term the estimate leaves out or the harness counts differently. Activations are a model:
 Korthikanti's formula is for a GPT layer (dropout masks, GeLU), not the exact tensors HF's LLaMA saves; the ratio
 above is its error at llama-tiny's shapes, where the 32k-vocabulary log-softmax (4·b·s·V) is most of the total.
 """

@@ -77,6 +77,9 @@ class TrainConfig:
                                "(default: none)", type=float)
     side: str = _f("std", "which side of a projected weight is reduced: std (the smaller one, GaLore's rule), left "
                    "(rows, the output side) or right (columns, the input side: RSO's)", choices=("std", "left", "right"))
+    state_bits: int = _f(32, "how the optimizer's moments are held: 32 (float32, as torch.optim), 16 (bfloat16), 8 "
+                         "or 4 (block-wise quantized, torchao's optimizer states; needs the 'lowbit' extra)",
+                         choices=(32, 16, 8, 4))
     layerwise: bool = _f(False, "update each weight inside backward (saves gradient memory; no --clip)")
     fused_loss: bool = _f(False, "compute lm_head and the cross-entropy together in chunks (torch's "
                           "linear_cross_entropy): the logits are never stored", only="lm")

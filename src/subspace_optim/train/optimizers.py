@@ -39,6 +39,7 @@ class Method:
     moments: tuple[str, ...] = MOMENTS  # the --moments values it takes
     default_moments: str | None = None  # None: the optimizer's own default
     flags: tuple[str, ...] = ()  # config fields that only this method takes (e.g. rso_eta)
+    state_bits: bool = True  # takes --state-bits (ours; torch's AdamW and galore-torch hold float32 moments)
 
 
 def _rule_class(rule: str):
@@ -68,7 +69,7 @@ def _ours(cfg: TrainConfig, model: nn.Module, params, **settings) -> Setup:
     extra = {"moments": cfg.moments} if cfg.moments else {}
     optimizer = _rule_class(cfg.rule)(
         params, lr=cfg.lr, weight_decay=cfg.weight_decay, update_gap=cfg.update_gap, scale=cfg.scale,
-        seed=cfg.seed, layerwise=cfg.layerwise, **extra, **settings,
+        seed=cfg.seed, layerwise=cfg.layerwise, state_bits=cfg.state_bits, **extra, **settings,
         # the hooks must know when a step's micro-batches are in; otherwise autograd sums them into .grad
         accumulation_steps=cfg.grad_accum if cfg.layerwise else 1)
     return Setup(model, optimizer)
@@ -129,7 +130,7 @@ def _galore_torch(cfg: TrainConfig, model: nn.Module) -> Setup:
 
 OPTIMIZERS: dict[str, Method] = {
     "adamw": Method("plain torch.optim.AdamW over every parameter: the baseline", _adamw, rules=("adamw",),
-                    layerwise=False, rank=False, side=False, moments=()),
+                    layerwise=False, rank=False, side=False, moments=(), state_bits=False),
     "full": Method("our optimizer with every parameter dense: the full-rank baseline of any --rule", _full,
                    rank=False, side=False, moments=()),
     "galore": Method("projector galore: top-r singular vectors of the gradient, refreshed every --update-gap "
@@ -143,7 +144,7 @@ OPTIMIZERS: dict[str, Method] = {
                   default_moments="reset", flags=("rso_eta",)),
     "galore-torch": Method("the GaLore authors' GaLoreAdamW (pip install galore-torch bitsandbytes) on the same "
                            "groups; cannot be resumed", _galore_torch, rules=("adamw",), layerwise=False,
-                           moments=()),
+                           moments=(), state_bits=False),
 }
 
 _GOLORE_AT = re.compile(r"golore@(\d+(?:\.\d+)?)")
@@ -179,6 +180,9 @@ def check_method(cfg: TrainConfig) -> Method:
     if cfg.side != "std" and not method.side:
         raise UsageError(f"--side {cfg.side}: --optimizer {name} does not choose a side (only the projected "
                          "optimizers do; rso always reduces the input side)")
+    if cfg.state_bits != 32 and not method.state_bits:
+        raise UsageError(f"--state-bits {cfg.state_bits}: --optimizer {name} holds float32 moments; use --optimizer "
+                         "full for a dense baseline with low-precision moments")
     if cfg.moments is not None and cfg.moments not in method.moments:
         takes = f"takes {' or '.join(method.moments)}" if method.moments else "has no subspace moments"
         raise UsageError(f"--moments {cfg.moments}: --optimizer {name} {takes}")
