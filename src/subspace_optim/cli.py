@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import logging
 import sys
 import warnings
 from pathlib import Path
@@ -238,7 +239,15 @@ def _one_line_warning(command: str):
     return show
 
 
+def _quiet_third_party_imports() -> None:
+    """transformers imports torchao when it is installed (the 'lowbit' extra); torchao's import then logs the
+    optional GPU kernels it cannot load, and torch a deprecation of its enums: neither concerns a run here."""
+    logging.getLogger("torchao").setLevel(logging.ERROR)
+    logging.getLogger("torch.utils._pytree").setLevel(logging.ERROR)
+
+
 def main(argv: list[str] | None = None) -> int:
+    _quiet_third_party_imports()
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.command is None:
