@@ -75,3 +75,13 @@ def test_distributed_without_torchrun_and_an_uneven_batch_get_clear_errors(capsy
     monkeypatch.setenv("WORLD_SIZE", "2")
     assert main(["train", "--distributed", "fsdp2", "--batch-size", "3", "--steps", "1", "--quiet"]) == 2
     assert "must divide among the 2 processes" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--distributed", "ddp", "--fused-loss"], "single-process only"),
+    (["--distributed", "fsdp2", "--optimizer", "rso"], "use --distributed ddp"),
+    (["--distributed", "ddp", "--optimizer", "galore", "--layerwise"], "unreduced"),
+])
+def test_combinations_not_distributed_yet_are_refused_clearly(flags, message, capsys):
+    assert main(["train", "--steps", "1", "--quiet", *flags]) == 2
+    assert message in capsys.readouterr().err
