@@ -87,7 +87,7 @@ EXPERIMENTS = ("counterexample", "pretrain", "finetune", "refresh-cost", "memory
 #: Where the committed reports live. Only the full experiment writes here by default: a --quick or --scale paper run
 #: writes beside its training runs, so a cheap check never replaces a committed report with toy numbers.
 RESULTS = Path("docs/results")
-_REPRODUCE_DEFAULTS = {"runs": "runs/reproduce", "scale": "cpu"}
+_REPRODUCE_DEFAULTS = {"runs": "runs/reproduce", "scale": "cpu", "jobs": 1}
 
 
 def _add_reproduce(parser: argparse.ArgumentParser) -> None:
@@ -108,6 +108,10 @@ def _add_reproduce(parser: argparse.ArgumentParser) -> None:
                         "would go, and run nothing")
     parser.add_argument("--max-runs", type=int, metavar="N", help="pretrain only: start at most N training runs, "
                         "then write the report from every stored run (0: only the report); run again to continue")
+    parser.add_argument("--jobs", type=int, default=1, metavar="N", help="pretrain only: training runs at once, "
+                        "each a process with one thread (default: 1)")
+    parser.add_argument("--methods", metavar="A,B", help="pretrain only: start only these methods' runs (e.g. "
+                        "adamw,galore); the report still shows every stored run")
 
 
 def _is_full(args: argparse.Namespace, name: str) -> bool:
@@ -139,8 +143,17 @@ def _reproduce(args: argparse.Namespace) -> int:
     if args.max_runs is not None and (args.name != "pretrain" or args.max_runs < 0):
         raise UsageError(f"--max-runs {args.max_runs}: only pretrain builds its study over several invocations, "
                          "and N must not be negative")
+    if args.jobs != 1 and (args.name != "pretrain" or args.jobs < 1):
+        raise UsageError(f"--jobs {args.jobs}: only pretrain runs its training runs in parallel, and N must be at "
+                         "least 1")
+    if args.methods is not None:
+        from .experiments.pretrain import METHODS
+
+        unknown = set(args.methods.split(",")) - set(METHODS)
+        if args.name != "pretrain" or unknown:
+            raise UsageError(f"--methods {args.methods}: pretrain only, with methods among {', '.join(METHODS)}")
     flags = []
-    for key in ("quick", "out", "runs", "scale", "max_runs", "dry_run"):
+    for key in ("quick", "out", "runs", "scale", "max_runs", "jobs", "methods", "dry_run"):
         value = getattr(args, key)
         if value is not None and value is not False and value != _REPRODUCE_DEFAULTS.get(key):  # --max-runs 0 too
             flags += ["--" + key.replace("_", "-")] + ([] if value is True else [str(value)])

@@ -1,23 +1,25 @@
 """`subspace-optim reproduce pretrain`: how much quality the memory saving costs, and which projector to use.
 
 Every method pretrains the same model on the same tokens, in the same order, at each learning rate of one grid
-and at two seeds, and is reported at its best learning rate (the lowest mean validation perplexity over the
-seeds). The model, llama-study with a 2k-token BPE trained on the training split, has 82% of its parameters in the
+at the first seed, and is reported at its best learning rate there (lowest validation perplexity) over two seeds. The model, llama-study with a 2k-token BPE trained on the training split, has 82% of its parameters in the
 linear layers that the subspace methods project (llama-tiny with the 32k vocabulary: 13%). The papers' claims are
 sub-studies on top, run at the methods' best learning rates and judged from the numbers by ``not_worse`` and
 ``better`` ("pending" while their runs are missing).
 
 The runs live in a store beside the report (docs/results/pretrain-runs for the full study, see runstore.py): a run
 is reused while the training code is unchanged, an interrupted one resumes, and ``--max-runs N`` builds the study
-over several invocations. The report is written from whatever is stored.
+over several invocations (``--jobs`` runs at once, ``--methods`` only some). The report is written from whatever
+is stored.
 """
 
 from __future__ import annotations
 
+import argparse
 import importlib.util
 import json
 import math
 import statistics
+from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -25,6 +27,7 @@ from ..train.config import TASK_DEFAULTS
 from ..train.data import default_tokenizer_path, is_hub_name, read_documents, split
 from ..train.tokenizer import bpe_key, bpe_vocab_size, file_sha256
 from .report import Report, table
+from . import index
 from .runstore import Planned, RunStore, Stored
 
 METHODS = ("adamw", "galore", "golore", "golore@20", "online_pca", "auto", "rso", "galore-torch")
@@ -64,7 +67,7 @@ SCALES = {
     "cpu": Scale("cpu", dict(model="llama-study", tokenizer="bpe:2048", data="bbcnews", steps=512, batch_size=8,
                              seq_len=256, rank=64, update_gap=32, scale=0.25, eval_every=0, eval_batches=0,
                              save_every=128),
-                 METHODS, lr_grid=(1e-3, 3e-3, 1e-2), seeds=(0, 1), batch_sweep=(2, 32), ranks=(32, 128)),
+                 METHODS, lr_grid=(3e-4, 1e-3, 3e-3, 1e-2), seeds=(0, 1), batch_sweep=(2, 32), ranks=(32, 128)),
     # GaLore's C4 recipe for LLaMA-60M (batch 512 = 128 x 4, 256 tokens, 10k steps, gap 200, bf16), for GPUs
     "paper": Scale("paper", dict(model="llama-60m", data="allenai/c4", steps=10_000, batch_size=128, grad_accum=4,
                                  seq_len=256, rank=128, update_gap=200, scale=0.25, dtype="bfloat16",
@@ -193,20 +196,21 @@ class Study:
         found = [self.result(run_for(self.scale, method, lr, s, **variant)) for s in self.scale.seeds]
         return None if None in found else found
 
+    @property
+    def tuning_seed(self) -> int:
+        return self.scale.seeds[0]
+
     def grid(self) -> list[Planned]:
-        """Seed-major, so a partial study first has every method at every lr at one seed."""
-        return [run_for(self.scale, m, lr, s) for s in self.scale.seeds for m in self.methods
-                for lr in self.scale.lr_grid]
+        """The learning-rate grid of every method at the tuning seed (the first)."""
+        return [run_for(self.scale, m, lr, self.tuning_seed) for m in self.methods for lr in self.scale.lr_grid]
 
     def best_lr(self, method: str) -> float | None:
-        """The grid's lr with the lowest mean perplexity over the seeds; None until all its runs are stored."""
-        means = {}
-        for lr in self.scale.lr_grid:
-            found = self.seeds(method, lr)
-            if found is None:
-                return None
-            means[lr] = statistics.fmean(_finite(s.summary["final_val_ppl"]) for s in found)
-        return min(means, key=means.get)
+        """The grid's lr with the lowest perplexity at the tuning seed; None until all its grid runs are stored.
+        The other seeds then run at this lr only: tuned on one seed, reported over all of them."""
+        found = {lr: self.result(run_for(self.scale, method, lr, self.tuning_seed)) for lr in self.scale.lr_grid}
+        if None in found.values():
+            return None
+        return min(found, key=lambda lr: _finite(found[lr].summary["final_val_ppl"]))
 
     def variants(self) -> list[tuple[str, dict]]:
         """(method, variant) of the sub-studies' runs: the batch sweep and GaLore's rank ablation."""
@@ -218,6 +222,10 @@ class Study:
     def planned(self) -> tuple[list[Planned], list[str]]:
         """(runs whose settings are known, in order; what waits for a method's learning-rate grid)."""
         runs, waiting = self.grid(), []
+        for method in self.methods:
+            lr = self.best_lr(method)
+            if lr is not None:
+                runs += [run_for(self.scale, method, lr, s) for s in self.scale.seeds if s != self.tuning_seed]
         for method, variant in self.variants():
             lr = self.best_lr(method)
             if lr is None:
@@ -232,9 +240,9 @@ class Study:
             return "not planned at this scale"
         lr = self.best_lr(method)
         if lr is None:
-            done = sum(self.result(run_for(self.scale, method, x, s)) is not None
-                       for x in self.scale.lr_grid for s in self.scale.seeds)
-            return f"pending: the lr grid of {method} ({done} of {len(self.scale.lr_grid) * len(self.scale.seeds)} runs)"
+            done = sum(self.result(run_for(self.scale, method, x, self.tuning_seed)) is not None
+                       for x in self.scale.lr_grid)
+            return f"pending: the lr grid of {method} ({done} of {len(self.scale.lr_grid)} runs)"
         found = self.seeds(method, lr, **variant)
         if found is None:
             return f"pending: {method} {' '.join(f'{k} {v}' for k, v in variant.items())}".rstrip()
@@ -440,10 +448,8 @@ def _methods_table(study: Study) -> str:
     for m in study.methods:
         cells = []
         for lr in grid:
-            found = [study.result(run_for(study.scale, m, lr, s)) for s in study.scale.seeds]
-            values = [_finite(f.summary["final_val_ppl"]) for f in found if f is not None]
-            cell = str(Ppl(values)) if len(values) == len(found) else (
-                f"{statistics.fmean(values):.2f} ({len(values)} of {len(found)} seeds)" if values else "pending")
+            found = study.result(run_for(study.scale, m, lr, study.tuning_seed))
+            cell = f"{_finite(found.summary['final_val_ppl']):.2f}" if found is not None else "pending"
             cells.append(f"**{cell}**" if lr == study.best_lr(m) else cell)
         ppl, summaries = study.at_best(m), study.summaries(m)
         best = study.best_lr(m)
@@ -453,7 +459,8 @@ def _methods_table(study: Study) -> str:
                      *([_mib(statistics.fmean(s["optimizer_state_bytes"] for s in summaries)),
                         f"{statistics.fmean(s['peak_memory_bytes'] for s in summaries) / 2**20:.0f}",
                         f"{statistics.fmean(s['tokens_per_s'] for s in summaries):.0f}"] if summaries else ["", "", ""])])
-    header = ["method", "best lr", "val ppl at best lr", "× AdamW", *(f"val ppl, lr {lr:g}" for lr in grid),
+    header = ["method", "best lr", "val ppl at best lr (all seeds)", "× AdamW",
+              *(f"lr {lr:g} (seed {study.tuning_seed})" for lr in grid),
               "optimizer state (MiB)", "peak RSS (MiB)", "tokens/s"]
     return table(header, rows)
 
@@ -503,9 +510,12 @@ def _setup(study: Study, runs: list[Planned]) -> str:
             f"{tokens:,} tokens per run, in the order fixed by the seed (the same for every method: model init, data "
             f"order and random projections all follow `--seed`).{facts} Rank {b.get('rank')}, refresh gap "
             f"{b['update_gap']} steps, scale {b['scale']}, gradient clipping 1.0, {b.get('dtype', 'float32')}. "
-            f"Learning rates: {LR_RULE} Grid: {', '.join(f'{x:g}' for x in s.lr_grid)}; seeds "
-            f"{', '.join(map(str, s.seeds))}; a method's best lr has the lowest mean validation perplexity over "
-            f"the seeds, and a best lr at the grid's edge is marked (a wider grid might do better). Methods: "
+            f"Learning rates: {LR_RULE} Grid: {', '.join(f'{x:g}' for x in s.lr_grid)}, run at seed "
+            f"{study.tuning_seed}; a method's best lr has the lowest validation perplexity there, and the other "
+            f"seeds ({', '.join(str(x) for x in s.seeds if x != study.tuning_seed)}) run at that lr only, as do the "
+            f"sub-studies (mean ± std over seeds {', '.join(map(str, s.seeds))}; choosing on the seed that is also "
+            f"reported favours every method alike). A best lr at the grid's edge is marked (a wider grid might do "
+            f"better). Methods: "
             f"{', '.join(study.methods)}"
             f"{'' if 'galore-torch' in study.methods or 'galore-torch' not in s.methods else ' (galore-torch: not installed)'}."
             f"{timing}")
@@ -521,17 +531,32 @@ def dry_run(args) -> list[str]:
 
 
 def main(args) -> Path:
+    """Run what the study still needs (at most --max-runs, --jobs at once, only --methods' runs if given), then
+    write the report from every stored run and, where OUT holds the results index, regenerate the index."""
     study = Study(args)
     report = Report("pretrain", args.out, args.argv)
-    started = 0
-    while args.max_runs is None or started < args.max_runs:
-        todo = [r for r in study.planned()[0] if study.result(r) is None]
-        if not todo:
-            break
-        study.add(todo[0], study.store.execute(todo[0]))
-        started += 1
+    methods = set(args.methods.split(",")) if getattr(args, "methods", None) else None
+    jobs = getattr(args, "jobs", 1) if study.scale.fresh_process else 1  # in-process runs: one at a time
+    started, running = 0, {}
+    with ThreadPoolExecutor(jobs) as pool:
+        while True:
+            todo = [r for r in study.planned()[0] if study.result(r) is None and r.key not in running
+                    and (methods is None or r.flags["optimizer"] in methods)]
+            while todo and len(running) < jobs and (args.max_runs is None or started < args.max_runs):
+                run = todo.pop(0)
+                running[run.key] = (run, pool.submit(study.store.execute, run))
+                started += 1
+            if not running:
+                break
+            done, _ = wait([f for _, f in running.values()], return_when=FIRST_COMPLETED)
+            for key in [k for k, (_, f) in running.items() if f in done]:
+                run, future = running.pop(key)
+                study.add(run, future.result())
     runs, waiting = study.planned()
-    return write(study, report, runs, waiting)
+    path = write(study, report, runs, waiting)
+    if (Path(args.out) / "README.md").is_file():  # the committed results: their index follows the new verdicts
+        index.main(argparse.Namespace(out=args.out))
+    return path
 
 
 def write(study: Study, report: Report, runs: list[Planned], waiting: list[str]) -> Path:

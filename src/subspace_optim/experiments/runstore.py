@@ -5,14 +5,21 @@ interrupted run resumes where it stopped. Once finished, its config.json, summar
 with a provenance.json into the store (STORE/KEY; committed for the full study, so a clone has every number).
 
 A stored run is reused when its config matches the planned flags and its provenance's ``identity`` equals the
-current one: the digest of the training code (``code_digest``) and whatever else the study says determines the
-numbers (its tokenizer's key). Otherwise it is run again, and replaced when the new run finishes.
+current one, which says what determines its numbers:
+- ``code``: the digest of the harness's source (``harness_code``: loop, data, model, loss, RSO layers, ...);
+- ``optimizer``: the behaviour of the optimizer library (``PROBED``): a digest of the weights after a few seeded
+  steps of the run's own optimizer on the run's model (``optimizer_probe``). A refactor of the library that leaves
+  every number bitwise unchanged keeps the runs; one that changes a number reruns them. The library changes far
+  more often than the harness, and the full study takes many hours of CPU, built up over several sessions;
+- whatever else the study names (its tokenizer's key).
+Otherwise it is run again, and replaced when the new run finishes.
 """
 
 from __future__ import annotations
 
 import ast
 import contextlib
+import dataclasses
 import hashlib
 import json
 import os
@@ -37,12 +44,27 @@ PACKAGE = Path(__file__).resolve().parents[1]
 KEPT = ("config.json", "summary.json", "metrics.csv")
 #: Optimizers whose checkpoints cannot be loaded again (galore-torch keeps Python objects in its state).
 NOT_RESUMABLE = ("galore-torch",)
+#: Not on the training path: the command line, the HF Trainer adapter, the memory estimator.
+NOT_TRAINING = ("cli.py", "__main__.py", "hf.py", "memory_estimate.py")
+#: The optimizer library, identified by its behaviour (``optimizer_probe``) rather than by its source.
+PROBED = ("optimizer.py", "projectors.py", "rules.py", "lowbit.py", "distributed.py", "groups.py",
+          "train/optimizers.py")
+#: The probe: steps, refresh gap (and total steps, so that GoLore@x% switches inside it), vocabulary size.
+PROBE_STEPS, PROBE_GAP, PROBE_VOCAB = 10, 2, 512
+#: Flags that do not change which code an optimizer runs (the probe fixes its own steps, gap and data).
+PROBE_IGNORES = ("lr", "seed", "steps", "update_gap", "batch_size", "seq_len", "data", "tokenizer", "eval_every",
+                 "eval_batches", "save_every", "warmup")
 
 
 def training_code() -> list[Path]:
-    """The files that determine a run's numbers: the whole package but the experiments and the command line."""
+    """The files a run executes: the whole package but the experiments and NOT_TRAINING."""
     return sorted(p for p in PACKAGE.rglob("*.py")
-                  if "experiments" not in p.relative_to(PACKAGE).parts and p.name not in ("cli.py", "__main__.py"))
+                  if "experiments" not in p.relative_to(PACKAGE).parts and p.name not in NOT_TRAINING)
+
+
+def harness_code() -> list[Path]:
+    """The training code whose source is digested: all of it but the probed optimizer library."""
+    return [p for p in training_code() if p.relative_to(PACKAGE).as_posix() not in PROBED]
 
 
 def _code_only(source: str) -> str:
@@ -57,12 +79,50 @@ def _code_only(source: str) -> str:
 
 
 def code_digest(files: list[Path] | None = None) -> str:
-    """SHA-256 over the training code's syntax trees (``training_code()``), keyed by path in the package."""
+    """SHA-256 over the harness code's syntax trees (``harness_code()``), keyed by path in the package."""
     digest = hashlib.sha256()
-    for path in files if files is not None else training_code():
+    for path in files if files is not None else harness_code():
         digest.update(path.relative_to(PACKAGE).as_posix().encode() + b"\0")
         digest.update(_code_only(path.read_text()).encode() + b"\0")
     return digest.hexdigest()
+
+
+def probe_key(flags: dict) -> str:
+    """What of a run's flags the probe depends on (runs that differ only in lr, seed, data... share a probe)."""
+    return json.dumps({k: v for k, v in flags.items() if k not in PROBE_IGNORES}, sort_keys=True)
+
+
+def optimizer_probe(flags: dict) -> str:
+    """SHA-256 of the weights after PROBE_STEPS steps of the optimizer that ``flags`` build, on their model (with a
+    PROBE_VOCAB-token vocabulary) from seed 0, with seeded random gradients, refreshing every PROBE_GAP steps, on
+    one thread as the runs are. Equal digests: the library computes the run's first steps bitwise alike."""
+    from ..train.config import TrainConfig, resolve
+    from ..train.models import build_causal_lm, causal_lm_config
+    from ..train.optimizers import build_optimizer
+
+    names = {f.name for f in dataclasses.fields(TrainConfig)}
+    values = {k: v for k, v in flags.items() if k in names and k not in PROBE_IGNORES}
+    cfg = resolve(TrainConfig(**values, steps=PROBE_STEPS, update_gap=PROBE_GAP, device="cpu"))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        torch.manual_seed(0)
+        setup = build_optimizer(cfg, build_causal_lm(causal_lm_config(cfg.model, PROBE_VOCAB, None, None)))
+        noise = torch.Generator().manual_seed(0)
+        for step in range(PROBE_STEPS):
+            for param in setup.model.parameters():
+                if param.requires_grad:
+                    param.grad = torch.randn(param.shape, generator=noise).to(param.dtype)
+            setup.optimizer.step()
+            setup.optimizer.zero_grad()
+            if setup.after_step is not None:
+                setup.after_step(step + 1)
+        digest = hashlib.sha256()
+        for name, tensor in setup.model.state_dict().items():
+            digest.update(name.encode() + b"\0" + tensor.detach().float().contiguous().numpy().tobytes())
+        return digest.hexdigest()
+    finally:
+        torch.set_num_threads(threads)
 
 
 def code_provenance() -> dict:
@@ -98,8 +158,17 @@ class RunStore:
 
     def __init__(self, store: Path, scratch: Path, identity: dict, fresh_process: bool = True):
         self.store, self.scratch = Path(store), Path(scratch)
-        self.identity = {"code": code_digest(), **identity}
+        self.shared = {"code": code_digest(), **identity}
         self.fresh_process = fresh_process
+        self._probes: dict[str, str] = {}
+
+    def identity(self, run: Planned) -> dict:
+        """What ``run``'s numbers are determined by (see the module's docstring); probes are computed once each."""
+        key = probe_key(run.flags)
+        if key not in self._probes:
+            self._probes[key] = optimizer_probe(run.flags)
+        return {"code": self.shared["code"], "optimizer": self._probes[key],
+                **{k: v for k, v in self.shared.items() if k != "code"}}
 
     # ------------------------------------------------------------ what is there
 
@@ -119,7 +188,8 @@ class RunStore:
         """Why a stored run may not stand for ``run`` (None: it may)."""
         if not same_config(found.config, run.flags):
             return "its settings differ"
-        changed = [k for k in self.identity if found.provenance.get("identity", {}).get(k) != self.identity[k]]
+        identity = self.identity(run)
+        changed = [k for k in identity if found.provenance.get("identity", {}).get(k) != identity[k]]
         if changed:
             return f"its {' and '.join(changed)} changed since {found.provenance.get('commit', '?')[:10]}"
         return None
@@ -134,7 +204,7 @@ class RunStore:
             config = json.loads((folder / "config.json").read_text())
         except (OSError, ValueError):
             return None
-        if started.get("identity") != self.identity or not same_config(config, run.flags):
+        if started.get("identity") != self.identity(run) or not same_config(config, run.flags):
             return None
         try:
             return checkpoint.latest_readable(folder)
@@ -166,7 +236,7 @@ class RunStore:
             if folder.exists():
                 shutil.rmtree(folder)
             folder.mkdir(parents=True)
-            write_json(folder / "started.json", {"identity": self.identity, **code_provenance(),
+            write_json(folder / "started.json", {"identity": self.identity(run), **code_provenance(),
                                                  "started": _now(), "segments": []})
             argv = ["train", *_flag_args(run.flags), "--out", str(folder), "--quiet"]
         else:
@@ -207,7 +277,7 @@ class RunStore:
         drop its checkpoints, which only an unfinished run needs."""
         last = started["segments"][-1]
         provenance = {
-            "identity": self.identity, "commit": last["commit"], "dirty": last["dirty"],
+            "identity": self.identity(run), "commit": last["commit"], "dirty": last["dirty"],
             "started": started["started"], "finished": _now(), "segments": started["segments"],
             "wall_s": round(sum(s["wall_s"] for s in started["segments"]), 1),
             "command": self.command(run), "python": platform.python_version(), "torch": torch.__version__,
