@@ -3,8 +3,10 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import shlex
+import time
 import subprocess
 import sys
 from pathlib import Path
@@ -129,8 +131,29 @@ def test_training_code_holds_every_module_a_run_imports(tmp_path):
                             env={"PYTHONPATH": str(ROOT / "src"), "PATH": "/usr/bin:/bin", "OMP_NUM_THREADS": "1"})
     files = {Path(f) for f in loaded.stdout.split()[-40:] if f.endswith(".py")}
     hashed = set(runstore.training_code())
-    assert {f for f in files if f.name not in ("cli.py", "__main__.py")} <= hashed
+    # the command line imports the memory estimator for its `memory` subcommand's flags; a run never calls it
+    assert {f for f in files if f.name not in runstore.NOT_TRAINING} <= hashed
     assert runstore.PACKAGE / "layers.py" in files and runstore.PACKAGE / "train" / "tokenizer.py" in hashed
+    # the harness is digested by source, the optimizer library by the probe, and nothing is in neither
+    harness = set(runstore.harness_code())
+    assert all((runstore.PACKAGE / f).is_file() for f in runstore.PROBED)
+    assert harness | {runstore.PACKAGE / f for f in runstore.PROBED} == hashed
+    assert runstore.PACKAGE / "optimizer.py" not in harness and runstore.PACKAGE / "train" / "loop.py" in harness
+
+
+def test_the_optimizer_probe_sees_numbers_not_source(monkeypatch):
+    """A refactor of the library that computes the same numbers keeps a run; a change of one number does not."""
+    from subspace_optim import projectors
+
+    flags = run_for(SCALES["quick"], "golore@20", 1e-3, 0).flags
+    before = runstore.optimizer_probe(flags)
+    assert runstore.optimizer_probe(run_for(SCALES["quick"], "golore@20", 1e-2, 1).flags) == before
+    assert runstore.optimizer_probe(run_for(SCALES["quick"], "galore", 1e-3, 0).flags) != before
+    svd = projectors.top_singular
+    monkeypatch.setattr(projectors, "top_singular", lambda *a, **k: svd(*a, **k))  # a refactor
+    assert runstore.optimizer_probe(flags) == before
+    monkeypatch.setattr(projectors, "top_singular", lambda *a, **k: svd(*a, **k) * (1 + 1e-6))  # a new number
+    assert runstore.optimizer_probe(flags) != before
 
 
 # ---------------------------------------------------------------- the study at --quick size
@@ -152,21 +175,31 @@ def _verdicts(report: Path) -> dict[str, str]:
     return {claim: verdict for claim, verdict, *_ in index.verdict_rows(report)}
 
 
+def _planned_quick() -> int:
+    """Runs of the quick study: a 2-lr grid at seed 0, seed 1 at the best lr, and 4 sub-study runs x 2 seeds."""
+    methods = len([m for m in SCALES["quick"].methods if m != "galore-torch" or importlib.util.find_spec("galore_torch")])
+    return 2 * methods + methods + 4 * 2
+
+
 def test_quick_study_end_to_end(quick):
     assert (quick / "docs" / "results" / "pretrain.md").read_text() == "committed\n"
     assert sorted(p.name for p in (quick / "docs" / "results").iterdir()) == ["pretrain.md"]
     report = (quick / QUICK / "pretrain.md").read_text()
-    assert "toy size" in report and "commit `" in report and "Status: 36 of 36 runs stored" in report
+    n = _planned_quick()
+    assert "toy size" in report and "commit `" in report and f"Status: {n} of {n} runs stored" in report
     assert (quick / QUICK / "pretrain.png").stat().st_size > 0 and (quick / QUICK / "pretrain-batch.png").is_file()
     verdicts = _verdicts(quick / QUICK / "pretrain.md")
     assert len(verdicts) == 7 and not any(v.startswith(("**pending", "**not planned")) for v in verdicts.values())
     stored = sorted((quick / QUICK / "pretrain-runs").iterdir())
-    assert len(stored) == 36
+    assert len(stored) == n
     for folder in stored:
         assert sorted(p.name for p in folder.iterdir()) == ["config.json", "metrics.csv", "provenance.json",
                                                           "summary.json"]
     provenance = json.loads((stored[0] / "provenance.json").read_text())
     assert provenance["identity"]["code"] == runstore.code_digest() and len(provenance["commit"]) == 40
+    flags = json.loads((stored[0] / "config.json").read_text())
+    assert provenance["identity"]["optimizer"] == runstore.optimizer_probe({k: flags[k] for k in run_for(
+        SCALES["quick"], flags["optimizer"], flags["lr"], flags["seed"]).flags})
     assert f"`{provenance['commit'][:10]}`" in report
     for method in ("adamw", "galore", "golore", "golore@20", "online_pca", "auto", "rso"):
         assert f"\n| {method} | 0.01" in report or f"\n| {method} | 0.001" in report  # its best lr
@@ -179,14 +212,15 @@ def test_a_second_invocation_reuses_every_stored_run(quick, monkeypatch, capsys)
     assert capsys.readouterr().out.splitlines() == [f"wrote {QUICK / 'pretrain.md'}"]
     assert main(["reproduce", "pretrain", "--quick", "--dry-run"]) == 0
     lines = capsys.readouterr().out.splitlines()[1:]
-    assert len(lines) == 36 and all(line.startswith("[reuse] subspace-optim train") for line in lines)
+    assert len(lines) == _planned_quick() and all(line.startswith("[reuse] subspace-optim train") for line in lines)
 
 
 @pytest.mark.parametrize("changed, why", [("code_digest", "its code changed since"),
+                                          ("optimizer_probe", "its optimizer changed since"),
                                           ("bpe_key", "its tokenizer changed since")])
 def test_a_run_whose_code_or_tokenizer_changed_is_run_again(quick, monkeypatch, capsys, changed, why):
     monkeypatch.chdir(quick)
-    monkeypatch.setattr(runstore if changed == "code_digest" else pretrain, changed, lambda *a: "something else")
+    monkeypatch.setattr(pretrain if changed == "bpe_key" else runstore, changed, lambda *a: "something else")
     assert main(["reproduce", "pretrain", "--quick", "--dry-run"]) == 0
     lines = capsys.readouterr().out.splitlines()[1:]
     grid = [line for line in lines if not line.startswith("[waiting")]
@@ -227,7 +261,8 @@ def test_max_runs_builds_the_study_over_invocations_and_an_interrupted_run_resum
     stored = QUICK / "pretrain-runs" / "adamw-lr0.001-s0"
     provenance = json.loads((stored / "provenance.json").read_text())
     assert [s["finished"] for s in provenance["segments"]] == [False, True]
-    assert "Status: 1 of 28 runs stored" in (QUICK / "pretrain.md").read_text()
+    methods = (_planned_quick() - 8) // 3
+    assert f"Status: 1 of {2 * methods} runs stored" in (QUICK / "pretrain.md").read_text()
 
     # the resumed run equals the same run never interrupted
     argv = shlex.split(provenance["command"])[1:]
@@ -265,3 +300,27 @@ def test_the_committed_index_is_generated_from_the_committed_reports():
     assert table == index.index_table(ROOT / "docs" / "results")
     linked = {p.stem for p in index.reports(ROOT / "docs" / "results")}
     assert set(EXPERIMENTS) <= linked
+
+
+def test_jobs_run_that_many_training_processes_at_once(tmp_path, monkeypatch, capsys):
+    """--jobs 2: two fresh training processes overlap in time; both are stored; --methods picks whose runs."""
+    import dataclasses
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setitem(SCALES, "quick", dataclasses.replace(SCALES["quick"], fresh_process=True))
+    spans, launch = [], runstore.RunStore._launch
+
+    def timed(self, argv, log):
+        start = time.monotonic()
+        launch(self, argv, log)
+        spans.append((start, time.monotonic()))
+
+    monkeypatch.setattr(runstore.RunStore, "_launch", timed)
+    monkeypatch.setenv("PYTHONPATH", str(ROOT / "src"))
+    assert main(["reproduce", "pretrain", "--quick", "--max-runs", "2", "--jobs", "2", "--methods", "golore"]) == 0
+    assert sorted(p.name for p in (QUICK / "pretrain-runs").iterdir()) == ["golore-lr0.001-s0", "golore-lr0.01-s0"]
+    (a0, a1), (b0, b1) = spans
+    assert a0 < b1 and b0 < a1  # the two runs overlapped
+    assert main(["reproduce", "pretrain", "--quick", "--methods", "sgd"]) == 2
+    assert main(["reproduce", "finetune", "--quick", "--jobs", "2"]) == 2
+    assert "--methods sgd: the study's methods are" in capsys.readouterr().err

@@ -23,7 +23,7 @@ from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..train.config import TASK_DEFAULTS
+from ..train.config import TASK_DEFAULTS, UsageError
 from ..train.data import default_tokenizer_path, is_hub_name, read_documents, split
 from ..train.tokenizer import bpe_key, bpe_vocab_size, file_sha256
 from .report import Report, table
@@ -193,8 +193,13 @@ class Study:
 
     def seeds(self, method: str, lr: float, **variant) -> list[Stored] | None:
         """Every seed's stored run, or None while one is missing."""
+        found = self.stored_seeds(method, lr, **variant)
+        return found if len(found) == len(self.scale.seeds) else None
+
+    def stored_seeds(self, method: str, lr: float, **variant) -> list[Stored]:
+        """The seeds' stored runs (as many as are stored so far: the plots show a partial study too)."""
         found = [self.result(run_for(self.scale, method, lr, s, **variant)) for s in self.scale.seeds]
-        return None if None in found else found
+        return [f for f in found if f is not None]
 
     @property
     def tuning_seed(self) -> int:
@@ -521,10 +526,22 @@ def _setup(study: Study, runs: list[Planned]) -> str:
             f"{timing}")
 
 
+def _methods(args) -> set[str] | None:
+    """--methods: the methods whose runs may start (None: all); UsageError for one the study does not have."""
+    if not getattr(args, "methods", None):
+        return None
+    methods = set(args.methods.split(","))
+    if methods - set(METHODS):
+        raise UsageError(f"--methods {args.methods}: the study's methods are {', '.join(METHODS)}")
+    return methods
+
+
 def dry_run(args) -> list[str]:
     """Each planned run with what would happen to it (reuse, resume, run, rerun and why), and what waits."""
     study = Study(args, dry_run=True)
+    methods = _methods(args)
     runs, waiting = study.planned()
+    runs = [r for r in runs if methods is None or r.flags["optimizer"] in methods]
     lines = [f"[{study.store.status(r)}] {study.store.command(r)}" for r in runs]
     return lines + [f"[waiting for its method's learning-rate grid] {w}, seeds "
                     f"{', '.join(map(str, study.scale.seeds))}" for w in waiting]
@@ -535,7 +552,7 @@ def main(args) -> Path:
     write the report from every stored run and, where OUT holds the results index, regenerate the index."""
     study = Study(args)
     report = Report("pretrain", args.out, args.argv)
-    methods = set(args.methods.split(",")) if getattr(args, "methods", None) else None
+    methods = _methods(args)
     jobs = getattr(args, "jobs", 1) if study.scale.fresh_process else 1  # in-process runs: one at a time
     started, running = 0, {}
     with ThreadPoolExecutor(jobs) as pool:
@@ -562,14 +579,15 @@ def main(args) -> Path:
 def write(study: Study, report: Report, runs: list[Planned], waiting: list[str]) -> Path:
     s = study.scale
     done = sum(study.result(r) is not None for r in runs)
-    found = [(f"{m} (lr {study.best_lr(m):g})", study.seeds(m, study.best_lr(m)))
+    found = [(f"{m} (lr {study.best_lr(m):g})", study.stored_seeds(m, study.best_lr(m)))
              for m in study.methods if study.best_lr(m) is not None]
+    found = [(label, runs) for label, runs in found if runs]
     fig = _figure(report, "", [("each method at its best learning rate", found)])
     sizes = sorted({s.base["batch_size"], *s.batch_sweep})
     panels = []
     for b in sizes:
         variant = {} if b == s.base["batch_size"] else {"batch": b}
-        curves = [(f"{m} (lr {study.best_lr(m):g})", study.seeds(m, study.best_lr(m), **variant))
+        curves = [(f"{m} (lr {study.best_lr(m):g})", study.stored_seeds(m, study.best_lr(m), **variant))
                   for m in ("galore", "golore", "auto") if m in study.methods and study.best_lr(m) is not None]
         panels.append((f"batch {b}", [(m, c) for m, c in curves if c]))
     batch_fig = _figure(report, "batch", panels)
