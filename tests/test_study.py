@@ -176,9 +176,10 @@ def _verdicts(report: Path) -> dict[str, str]:
 
 
 def _planned_quick() -> int:
-    """Runs of the quick study: a 2-lr grid at seed 0, seed 1 at the best lr, and 4 sub-study runs x 2 seeds."""
+    """Runs of the quick study: a 2-lr grid at seed 0, seed 1 at the best lr, and 5 sub-study runs x 2 seeds
+    (batch 4 for GaLore, GoLore and auto; GaLore at rank 8; GoLore's 8-bit moments)."""
     methods = len([m for m in SCALES["quick"].methods if m != "galore-torch" or importlib.util.find_spec("galore_torch")])
-    return 2 * methods + methods + 4 * 2
+    return 2 * methods + methods + 5 * 2
 
 
 def test_quick_study_end_to_end(quick):
@@ -189,7 +190,7 @@ def test_quick_study_end_to_end(quick):
     assert "toy size" in report and "commit `" in report and f"Status: {n} of {n} runs stored" in report
     assert (quick / QUICK / "pretrain.png").stat().st_size > 0 and (quick / QUICK / "pretrain-batch.png").is_file()
     verdicts = _verdicts(quick / QUICK / "pretrain.md")
-    assert len(verdicts) == 7 and not any(v.startswith(("**pending", "**not planned")) for v in verdicts.values())
+    assert len(verdicts) == 8 and not any(v.startswith(("**pending", "**not planned")) for v in verdicts.values())
     stored = sorted((quick / QUICK / "pretrain-runs").iterdir())
     assert len(stored) == n
     for folder in stored:
@@ -232,7 +233,7 @@ def test_index_of_the_quick_reports(quick, monkeypatch):
     assert main(["reproduce", "index", "--quick"]) == 0
     text = (quick / QUICK / "README.md").read_text()
     assert index.BEGIN in text and "| [pretrain](pretrain.md) |" in text
-    assert text.count("](pretrain.md)") == 7
+    assert text.count("](pretrain.md)") == 8
 
 
 def test_max_runs_builds_the_study_over_invocations_and_an_interrupted_run_resumes(tmp_path, monkeypatch, capsys):
@@ -261,7 +262,7 @@ def test_max_runs_builds_the_study_over_invocations_and_an_interrupted_run_resum
     stored = QUICK / "pretrain-runs" / "adamw-lr0.001-s0"
     provenance = json.loads((stored / "provenance.json").read_text())
     assert [s["finished"] for s in provenance["segments"]] == [False, True]
-    methods = (_planned_quick() - 8) // 3
+    methods = (_planned_quick() - 10) // 3
     assert f"Status: 1 of {2 * methods} runs stored" in (QUICK / "pretrain.md").read_text()
 
     # the resumed run equals the same run never interrupted
