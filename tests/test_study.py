@@ -325,3 +325,29 @@ def test_jobs_run_that_many_training_processes_at_once(tmp_path, monkeypatch, ca
     assert main(["reproduce", "pretrain", "--quick", "--methods", "sgd"]) == 2
     assert main(["reproduce", "finetune", "--quick", "--jobs", "2"]) == 2
     assert "--methods sgd: the study's methods are" in capsys.readouterr().err
+
+
+def test_a_best_lr_at_the_grids_edge_widens_the_grid_one_rung_at_a_time(monkeypatch):
+    import dataclasses
+    import math
+    import types
+
+    from subspace_optim.experiments.pretrain import LR_LADDER, Study
+
+    monkeypatch.setitem(SCALES, "quick", dataclasses.replace(SCALES["quick"], lr_ladder=LR_LADDER))
+    study = Study(types.SimpleNamespace(quick=True, scale="cpu", runs="runs/reproduce", out="unused"), dry_run=True)
+    optimum = {"adamw": 3e-2, "galore": 3e-4, "golore": 3e-3}  # above, below and within the grid (1e-3, 1e-2)
+    ran = []
+
+    def result(run):
+        method, lr = run.flags["optimizer"], run.flags["lr"]
+        ran.append((method, lr))
+        ppl = 10 + math.log10(lr / optimum.get(method, 3e-3)) ** 2
+        return types.SimpleNamespace(summary={"final_val_ppl": ppl})
+
+    monkeypatch.setattr(study, "result", result)
+    assert study.lr_grid("adamw") == ([1e-3, 1e-2, 3e-2, 1e-1], 3e-2)
+    assert study.lr_grid("galore") == ([1e-4, 3e-4, 1e-3, 1e-2], 3e-4)
+    assert study.lr_grid("golore") == ([3e-4, 1e-3, 1e-2], 1e-3)  # 1e-3 at the edge, then inside: one rung
+    monkeypatch.setattr(study, "result", lambda run: None if run.flags["lr"] == 3e-2 else result(run))
+    assert study.lr_grid("adamw") == ([1e-3, 1e-2, 3e-2], None)  # the widening waits for its run

@@ -45,6 +45,10 @@ PAPER = {"llama-60m": (34.06, 34.88, 128), "llama-130m": (25.08, 25.36, 256), "l
          "llama-1b": (15.56, 15.64, 512)}
 
 
+#: Half-decade steps: a best lr at the edge of a method's grid adds the next rung beyond it, until the best is inside.
+LR_LADDER = (1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 1e-1)
+
+
 @dataclass(frozen=True)
 class Scale:
     """One size of the study: the flags every run shares and what varies."""
@@ -57,6 +61,7 @@ class Scale:
     batch_sweep: tuple[int, ...]  # batch sizes besides base's, at the same tokens (GaLore, GoLore, auto)
     ranks: tuple[int, ...]  # GaLore ranks besides base's
     state_bits: tuple[int, ...] = ()  # GoLore's quantized moments besides 32-bit
+    lr_ladder: tuple[float, ...] = ()  # rungs that widen a method's grid past a best lr at its edge (none: fixed)
     val_sequences: int | None = None  # validation sequences of every run (None: the whole split)
     fresh_process: bool = True  # False: toy runs in this process (a fresh Python spends seconds importing)
     toy_documents: int | None = None  # quick: train on the first N BBC News articles
@@ -69,13 +74,13 @@ SCALES = {
                              seq_len=256, rank=64, update_gap=32, scale=0.25, eval_every=0, eval_batches=0,
                              save_every=128),
                  METHODS, lr_grid=(3e-4, 1e-3, 3e-3, 1e-2), seeds=(0, 1), batch_sweep=(2, 32), ranks=(32, 128),
-                 state_bits=(8, 4)),
+                 state_bits=(8, 4), lr_ladder=LR_LADDER),
     # GaLore's C4 recipe for LLaMA-60M (batch 512 = 128 x 4, 256 tokens, 10k steps, gap 200, bf16), for GPUs
     "paper": Scale("paper", dict(model="llama-60m", data="allenai/c4", steps=10_000, batch_size=128, grad_accum=4,
                                  seq_len=256, rank=128, update_gap=200, scale=0.25, dtype="bfloat16",
                                  eval_every=1000, save_every=1000),
                    METHODS, lr_grid=(1e-3, 3e-3, 1e-2), seeds=(0, 1), batch_sweep=(32, 512), ranks=(64, 256),
-                   state_bits=(8, 4), val_sequences=10240),
+                   state_bits=(8, 4), lr_ladder=LR_LADDER, val_sequences=10240),
     # every method and sub-study, at toy size: llama-tiny (cheaper SVDs than llama-study), 200 articles, 4 steps
     "quick": Scale("quick", dict(model="llama-tiny", tokenizer="bpe:512", data=None, steps=4, batch_size=2,
                                  seq_len=32, rank=16, update_gap=2, scale=0.25, eval_every=2, save_every=2),
@@ -213,15 +218,29 @@ class Study:
 
     def grid(self) -> list[Planned]:
         """The learning-rate grid of every method at the tuning seed (the first)."""
-        return [run_for(self.scale, m, lr, self.tuning_seed) for m in self.methods for lr in self.scale.lr_grid]
+        return [run_for(self.scale, m, lr, self.tuning_seed) for m in self.methods for lr in self.lr_grid(m)[0]]
+
+    def lr_grid(self, method: str) -> tuple[list[float], float | None]:
+        """(the method's grid, its best lr or None while a grid run is missing). The grid is the scale's, widened
+        one rung of the lr ladder at a time while the best lr (lowest perplexity at the tuning seed) is at its
+        edge and the ladder goes on: no method is reported at an lr that a neighbour might beat."""
+        grid = sorted(self.scale.lr_grid)
+        while True:
+            found = {lr: self.result(run_for(self.scale, method, lr, self.tuning_seed)) for lr in grid}
+            if None in found.values():
+                return grid, None
+            best = min(found, key=lambda lr: _finite(found[lr].summary["final_val_ppl"]))
+            ladder = self.scale.lr_ladder
+            beyond = ([x for x in ladder if x > grid[-1]][:1] if best == grid[-1] else
+                      [x for x in ladder if x < grid[0]][-1:] if best == grid[0] else [])
+            if not beyond:
+                return grid, best
+            grid = sorted(grid + beyond)
 
     def best_lr(self, method: str) -> float | None:
-        """The grid's lr with the lowest perplexity at the tuning seed; None until all its grid runs are stored.
-        The other seeds then run at this lr only: tuned on one seed, reported over all of them."""
-        found = {lr: self.result(run_for(self.scale, method, lr, self.tuning_seed)) for lr in self.scale.lr_grid}
-        if None in found.values():
-            return None
-        return min(found, key=lambda lr: _finite(found[lr].summary["final_val_ppl"]))
+        """The lr of the method's grid with the lowest perplexity at the tuning seed; None until the grid is
+        settled. The other seeds then run at this lr only: tuned on one seed, reported over all of them."""
+        return self.lr_grid(method)[1]
 
     def variants(self) -> list[tuple[str, dict]]:
         """(method, variant) of the sub-studies' runs: the batch sweep and GaLore's rank ablation."""
@@ -252,9 +271,9 @@ class Study:
             return "not planned at this scale"
         lr = self.best_lr(method)
         if lr is None:
-            done = sum(self.result(run_for(self.scale, method, x, self.tuning_seed)) is not None
-                       for x in self.scale.lr_grid)
-            return f"pending: the lr grid of {method} ({done} of {len(self.scale.lr_grid)} runs)"
+            grid = self.lr_grid(method)[0]
+            done = sum(self.result(run_for(self.scale, method, x, self.tuning_seed)) is not None for x in grid)
+            return f"pending: the lr grid of {method} ({done} of {len(grid)} runs)"
         found = self.seeds(method, lr, **variant)
         if found is None:
             return f"pending: {method} {' '.join(f'{k} {v}' for k, v in variant.items())}".rstrip()
@@ -471,18 +490,20 @@ def _mib(x: float) -> str:
 
 
 def _methods_table(study: Study) -> str:
-    grid = study.scale.lr_grid
+    grid = sorted({lr for m in study.methods for lr in study.lr_grid(m)[0]})
     base = study.at_best("adamw")
     rows = []
     for m in study.methods:
         cells = []
+        own = study.lr_grid(m)[0]
         for lr in grid:
             found = study.result(run_for(study.scale, m, lr, study.tuning_seed))
-            cell = f"{_finite(found.summary['final_val_ppl']):.2f}" if found is not None else "pending"
+            cell = (f"{_finite(found.summary['final_val_ppl']):.2f}" if found is not None else
+                    "pending" if lr in own else "—")
             cells.append(f"**{cell}**" if lr == study.best_lr(m) else cell)
         ppl, summaries = study.at_best(m), study.summaries(m)
         best = study.best_lr(m)
-        edge = best is not None and best in (grid[0], grid[-1]) and len(grid) > 1
+        edge = best is not None and best in (own[0], own[-1]) and len(own) > 1
         rows.append([m, "pending" if best is None else f"{best:g}" + (" (grid's edge)" if edge else ""), _cell(ppl),
                      f"{ppl.mean / base.mean:.3f}" if not _pending(ppl, base) else "", *cells,
                      *([_mib(statistics.fmean(s["optimizer_state_bytes"] for s in summaries)),
@@ -534,12 +555,14 @@ def _setup(study: Study, runs: list[Planned]) -> str:
     walls = [f.provenance["wall_s"] for r in study.grid() if (f := study.result(r)) is not None]
     timing = (f" Measured: the {len(walls)} stored grid runs took {statistics.fmean(walls) / 60:.1f} min each on "
               "average (one thread each, on CPU cores shared with other jobs)." if walls else "")
+    widened = (f", widened one rung of the ladder {', '.join(f'{x:g}' for x in s.lr_ladder)} at a time while a "
+               "method's best lr is at its edge" if s.lr_ladder else "")
     return (f"Model `{b['model']}` on `{b['data']}`, {b['steps']} steps of {b['batch_size']}"
             f"{' x ' + str(b['grad_accum']) if b.get('grad_accum', 1) > 1 else ''} x {b['seq_len']} tokens = "
             f"{tokens:,} tokens per run, in the order fixed by the seed (the same for every method: model init, data "
             f"order and random projections all follow `--seed`).{facts} Rank {b.get('rank')}, refresh gap "
             f"{b['update_gap']} steps, scale {b['scale']}, gradient clipping 1.0, {b.get('dtype', 'float32')}. "
-            f"Learning rates: {LR_RULE} Grid: {', '.join(f'{x:g}' for x in s.lr_grid)}, run at seed "
+            f"Learning rates: {LR_RULE} Grid: {', '.join(f'{x:g}' for x in s.lr_grid)}{widened}, run at seed "
             f"{study.tuning_seed}; a method's best lr has the lowest validation perplexity there, and the other "
             f"seeds ({', '.join(str(x) for x in s.seeds if x != study.tuning_seed)}) run at that lr only, as do the "
             f"sub-studies (mean ± std over seeds {', '.join(map(str, s.seeds))}; choosing on the seed that is also "
