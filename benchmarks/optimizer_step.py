@@ -1,6 +1,6 @@
 """Optimizer step time and state memory on LLaMA-60M-shaped weights, side by side in one process.
 
-    python benchmarks/optimizer_step.py [--rank 128] [--gap 200] [--repeats 10]
+    python benchmarks/optimizer_step.py [--rank 128] [--gap 200] [--repeats 10] [--projected-only] [--dtype bfloat16]
 
 Weights: two 32000 x 512 embeddings (dense), 8 layers of q/k/v/o 512x512, gate/up 1376x512, down 512x1376 (projected
 at rank r), norms (dense). Gradients are fixed random tensors: only the optimizer is timed.
@@ -12,7 +12,9 @@ are stepped round-robin, so that other load on the machine affects them alike. t
 foreach=True and with fused=True; torchao's AdamW8bit / AdamW4bit (optional: pip install torchao) and galore-torch's
 GaLoreAdamW (optional: pip install galore-torch bitsandbytes, same rank, gap and scale) beside ours, also with
 bf16 projections and with 16-, 8- and 4-bit moments. Then the cost of one refresh per projector on GaLore's layer
-shapes.
+shapes. ``--projected-only`` drops the dense embeddings and norms (what every optimizer pays alike), so that the
+ratios are those of the projected weights alone; ``--dtype bfloat16`` holds weights and gradients in bf16 (GaLore's
+pure-bf16 training).
 """
 
 from __future__ import annotations
@@ -31,16 +33,16 @@ from subspace_optim.experiments.refresh_cost import refresh_costs
 HIDDEN, INTER, LAYERS, VOCAB = 512, 1376, 8, 32000
 
 
-def llama60m_params():
+def llama60m_params(projected_only: bool = False, dtype: torch.dtype = torch.float32):
     gen = torch.Generator().manual_seed(0)
     dense = [torch.randn(VOCAB, HIDDEN, generator=gen) * 0.02 for _ in range(2)]
     dense += [torch.ones(HIDDEN) for _ in range(2 * LAYERS + 1)]
     shapes = [(HIDDEN, HIDDEN)] * 4 + [(INTER, HIDDEN)] * 2 + [(HIDDEN, INTER)]
     projected = [torch.randn(s, generator=gen) * 0.02 for _ in range(LAYERS) for s in shapes]
-    dense = [torch.nn.Parameter(t) for t in dense]
-    projected = [torch.nn.Parameter(t) for t in projected]
+    dense = [] if projected_only else [torch.nn.Parameter(t.to(dtype)) for t in dense]
+    projected = [torch.nn.Parameter(t.to(dtype)) for t in projected]
     for p in dense + projected:
-        p.grad = torch.randn(p.shape, generator=gen) * 1e-3
+        p.grad = (torch.randn(p.shape, generator=gen) * 1e-3).to(dtype)
     return dense, projected
 
 
@@ -73,7 +75,7 @@ def interleaved_times(optimizers: list, rounds: int, timed: set[int]) -> list[fl
 def make_optimizers(dense, projected, args):
     """(label, make(gap) -> optimizer, projector name or None, state_bits)."""
     common = dict(lr=1e-3, weight_decay=0.0)
-    groups = lambda **kw: [{"params": dense}, {"params": projected, "rank": args.rank, **kw}]  # noqa: E731
+    groups = lambda **kw: [{"params": dense}] * bool(dense) + [{"params": projected, "rank": args.rank, **kw}]  # noqa: E731
     yield "torch AdamW (foreach)", lambda gap: torch.optim.AdamW(dense + projected, foreach=True, **common), None, 0
     yield "torch AdamW (fused)", lambda gap: torch.optim.AdamW(dense + projected, fused=True, **common), None, 0
     try:
@@ -87,8 +89,8 @@ def make_optimizers(dense, projected, args):
         from galore_torch import GaLoreAdamW as ReferenceGaLore
 
         yield "galore-torch GaLoreAdamW", lambda gap: ReferenceGaLore(
-            [{"params": dense}, {"params": projected, "rank": args.rank, "update_proj_gap": gap,
-                                 "scale": 0.25, "proj_type": "std"}], **common), None, 0
+            [{"params": dense}] * bool(dense) + [{"params": projected, "rank": args.rank, "update_proj_gap": gap,
+                                                  "scale": 0.25, "proj_type": "std"}], **common), None, 0
     except ImportError as err:
         print(f"(galore-torch not available: {err}; pip install galore-torch bitsandbytes)")
     bf16 = {"projection_dtype": "bfloat16"}
@@ -118,15 +120,22 @@ def main():
     parser.add_argument("--threads", type=int, default=None,
                         help="torch intra-op threads (default: torch's). On a loaded machine, 1 avoids the "
                              "oversubscription that makes multi-threaded SVDs 10-100x slower")
+    parser.add_argument("--projected-only", action="store_true", help="only the projected weights (no embeddings "
+                        "or norms, whose dense update every optimizer pays alike)")
+    parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
+                        help="weights and gradients (bfloat16: GaLore's pure-bf16 training)")
+    parser.add_argument("--only", default=None, help="comma-separated substrings: time only the optimizers whose "
+                        "label contains one (torch's AdamW rows are always kept: the ratios need them)")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; rank {args.rank}, gap {args.gap}")
 
-    dense, projected = llama60m_params()
+    dense, projected = llama60m_params(args.projected_only, getattr(torch, args.dtype))
     n_params = sum(p.numel() for p in dense + projected)
     print(f"{n_params / 1e6:.1f}M parameters ({sum(p.numel() for p in projected) / 1e6:.1f}M projected)\n")
-    entries = list(make_optimizers(dense, projected, args))
+    entries = [e for e in make_optimizers(dense, projected, args) if args.only is None or e[0].startswith("torch AdamW")
+               or any(k in e[0] for k in args.only.split(","))]
     # Regular steps: optimizers with the real gap, after their first (refresh) step. All share the parameters;
     # their values drift but do not matter for timing.
     optimizers = [make(args.gap) for _, make, _, _ in entries]
@@ -143,7 +152,7 @@ def main():
     for (label, _, projector, bits), reg, ref_t, size in zip(entries, regular, refresh, nbytes):
         amortized = (ref_t + (args.gap - 1) * reg) / args.gap
         minimum = None
-        if projector is not None:
+        if projector is not None and args.dtype == "float32":  # (bf16 weights: dense moments are bf16 too)
             minimum = analytic_minimum(dense, projected, args.rank, basis=True, state_bits=bits)
             if projector == "online_pca":
                 # Adam on P: exp_avg, exp_avg_sq (d x r) and a step count
