@@ -351,3 +351,28 @@ def test_a_best_lr_at_the_grids_edge_widens_the_grid_one_rung_at_a_time(monkeypa
     assert study.lr_grid("golore") == ([3e-4, 1e-3, 1e-2], 1e-3)  # 1e-3 at the edge, then inside: one rung
     monkeypatch.setattr(study, "result", lambda run: None if run.flags["lr"] == 3e-2 else result(run))
     assert study.lr_grid("adamw") == ([1e-3, 1e-2, 3e-2], None)  # the widening waits for its run
+
+
+def test_a_run_that_finished_after_its_orchestrator_stopped_is_stored_not_run_again(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    assert main(["reproduce", "pretrain", "--quick", "--max-runs", "1"]) == 0
+    stored = QUICK / "pretrain-runs" / "adamw-lr0.001-s0"
+    scratch = Path("runs/reproduce/pretrain-quick/adamw-lr0.001-s0")
+    started = json.loads((scratch / "started.json").read_text())
+    # as if the orchestrator had been killed while the training process went on to write its summary
+    started["segments"] = [{"wall_s": 1.0, "finished": False, **runstore.code_provenance()}]
+    (scratch / "started.json").write_text(json.dumps(started))
+    for name in runstore.KEPT:
+        (scratch / name).write_bytes((stored / name).read_bytes())
+    summary = (stored / "summary.json").read_text()
+    import shutil
+
+    shutil.rmtree(stored)
+    capsys.readouterr()
+    assert main(["reproduce", "pretrain", "--quick", "--dry-run"]) == 0
+    assert capsys.readouterr().out.splitlines()[1].startswith("[store (finished, not yet stored)] ")
+    monkeypatch.setattr(runstore.RunStore, "_launch", lambda *a: pytest.fail("a finished run was run again"))
+    assert main(["reproduce", "pretrain", "--quick", "--max-runs", "1", "--methods", "adamw"]) == 0
+    assert (stored / "summary.json").read_text() == summary
+    provenance = json.loads((stored / "provenance.json").read_text())
+    assert [s["finished"] for s in provenance["segments"]] == [False, True]

@@ -194,17 +194,34 @@ class RunStore:
             return f"its {' and '.join(changed)} changed since {found.provenance.get('commit', '?')[:10]}"
         return None
 
-    def _resumable(self, run: Planned) -> Path | None:
-        """The checkpoint an interrupted scratch run of ``run`` continues from, if it was started by this code."""
+    def _started(self, run: Planned) -> dict | None:
+        """The started.json of ``run``'s scratch folder, if this code started it with these settings."""
         folder = self.scratch / run.key
-        if run.flags.get("optimizer") in NOT_RESUMABLE or (folder / "summary.json").exists():
-            return None
         try:
             started = json.loads((folder / "started.json").read_text())
             config = json.loads((folder / "config.json").read_text())
         except (OSError, ValueError):
             return None
-        if started.get("identity") != self.identity(run) or not same_config(config, run.flags):
+        return started if started.get("identity") == self.identity(run) and same_config(config, run.flags) else None
+
+    def _finished(self, run: Planned) -> dict | None:
+        """started.json of a scratch run that finished but was not stored (its orchestrator stopped first: the
+        training process writes summary.json last), with a segment saying so if the orchestrator could not."""
+        folder = self.scratch / run.key
+        started = self._started(run)
+        if started is None or not all((folder / name).is_file() for name in KEPT):
+            return None
+        if not (started["segments"] and started["segments"][-1]["finished"]):
+            started["segments"].append({"wall_s": 0.0, "finished": True, **code_provenance(),
+                                        "note": "finished after its orchestrator stopped; wall time not measured"})
+        return started
+
+    def _resumable(self, run: Planned) -> Path | None:
+        """The checkpoint an interrupted scratch run of ``run`` continues from, if it was started by this code."""
+        folder = self.scratch / run.key
+        if run.flags.get("optimizer") in NOT_RESUMABLE or (folder / "summary.json").exists():
+            return None
+        if self._started(run) is None:
             return None
         try:
             return checkpoint.latest_readable(folder)
@@ -218,6 +235,8 @@ class RunStore:
             why = self._stale(found, run)
             if why is None:
                 return "reuse"
+        if self._finished(run) is not None:
+            return "store (finished, not yet stored)"
         resume = self._resumable(run)
         if resume is not None:
             return f"resume from step {int(resume.name.removeprefix('step_'))}"
@@ -231,6 +250,9 @@ class RunStore:
     def execute(self, run: Planned) -> Stored:
         """Train ``run`` (resuming its interrupted scratch run when there is one) and store the result."""
         folder = self.scratch / run.key
+        finished = self._finished(run)
+        if finished is not None:  # nothing is trained twice
+            return self._keep(run, folder, finished)
         resume = self._resumable(run)
         if resume is None:
             if folder.exists():
