@@ -137,7 +137,7 @@ def test_training_code_holds_every_module_a_run_imports(tmp_path):
     # the harness is digested by source, the optimizer library by the probe, and nothing is in neither
     harness = set(runstore.harness_code())
     assert all((runstore.PACKAGE / f).is_file() for f in runstore.PROBED)
-    assert harness | {runstore.PACKAGE / f for f in runstore.PROBED} == hashed
+    assert harness | {runstore.PACKAGE / f for f in (*runstore.PROBED, runstore.SETTINGS_CODE)} == hashed
     assert runstore.PACKAGE / "optimizer.py" not in harness and runstore.PACKAGE / "train" / "loop.py" in harness
 
 

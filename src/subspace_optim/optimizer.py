@@ -31,7 +31,7 @@ from . import lowbit
 from .distributed import LOCAL, Layout, OwnedRefresh, is_dtensor, layout_of, local, run_owned
 from .memory import state_tensors, tensor_bytes
 from .projectors import PROJECTORS, derive_seed, get_projector, haar_stiefel, reset_steps
-from .rules import FIRST_MOMENTS, RULES, SECOND_MOMENTS, get_rule, scalar
+from .rules import FIRST_MOMENTS, RULES, SECOND_MOMENTS, decays_after_update, get_rule, scalar
 
 __all__ = ["SubspaceOptimizer", "SubspaceAdamW", "SubspaceSGD", "SubspaceAdafactor", "SubspaceLion"]
 
@@ -209,8 +209,10 @@ def _is_zero(lr) -> bool:
 def _data_basis(projector, state: dict, group: dict, key: int, grad: Tensor) -> Tensor:
     """A data-dependent basis of the whole oriented gradient; NaN/inf entries are zeroed first so that an SVD
     never sees them (such a step is skipped anyway: R inherits the NaN/inf and the step's check catches it)."""
-    grad = torch.where(torch.isfinite(grad), grad, torch.zeros((), dtype=grad.dtype, device=grad.device))
-    return projector.refresh(grad, state, group, key)[0]
+    # zeroed in the layout the gradient has (a right-projected weight's is a transposed view: see top_singular)
+    stored = grad.T if not grad.is_contiguous() and grad.T.is_contiguous() else grad
+    clean = torch.where(torch.isfinite(stored), stored, torch.zeros((), dtype=grad.dtype, device=grad.device))
+    return projector.refresh(clean.T if stored is not grad else clean, state, group, key)[0]
 
 
 #: rows x columns of the float32 block in a narrow-dtype write-back (16 MiB)
@@ -640,10 +642,12 @@ class SubspaceOptimizer(Optimizer):
                 keep = w.mask.reshape(()).bool()
                 direction = torch.where(keep, torch.zeros((), dtype=direction.dtype), direction)
                 decay = torch.where(keep, 0.0, decay) if weight_decay else decay
-            if weight_decay:
+            if weight_decay and not decays_after_update(group):
                 local(w.param).mul_(1.0 - decay)
             basis = w.layout.basis_rows(w.state["basis"])
             self._apply_back(w.param, group, basis, direction, lr * group["scale"])
+            if weight_decay and decays_after_update(group):
+                local(w.param).mul_(1.0 - decay)
             new = projector.track(w.full, w.grad, w.state, group, w.layout)
             if new is not None:
                 # A learned basis moves a little every step; like the paper, keep the moments as they are

@@ -60,18 +60,23 @@ def haar_stiefel(d: int, r: int, seed: int, device=None) -> Tensor:
 def top_singular(grad: Tensor, r: int, method: str = "exact", seed: int = 0) -> Tensor:
     """The top-r left singular vectors of ``grad`` (d x D), d x r, in float32 (float64 for float64 input).
 
+    The SVD runs on the matrix as it lies in memory: for the transposed view of a right-projected weight's
+    gradient that is G as the weight stores it (m x n), whose right singular vectors are returned. The subspace is
+    the same either way; the singular vectors' signs, which decide how moments kept across a refresh
+    (``moments="keep"``) line up, are then those of galore-torch, which takes the SVD of G as stored.
     ``randomized`` is Halko et al.'s range finder (``torch.svd_lowrank``, 10 oversamples, 2 power iterations),
     drawn from a private generator so that it neither reads nor advances the global RNG.
     """
     g = grad.to(torch.promote_types(grad.dtype, torch.float32))
+    stored = g.T if not g.is_contiguous() and g.T.is_contiguous() else g
     if method == "exact":
-        u, _, _ = torch.linalg.svd(g, full_matrices=False)
-        return u[:, :r].contiguous()
+        u, _, vh = torch.linalg.svd(stored, full_matrices=False)
+        return (u[:, :r] if stored is g else vh[:r].T).contiguous()
     devices = [g.device] if g.device.type == "cuda" else []
     with torch.random.fork_rng(devices=devices):
         torch.manual_seed(seed)
-        u, _, _ = torch.svd_lowrank(g, q=min(r + 10, *g.shape), niter=2)
-    return u[:, :r].contiguous()
+        u, _, v = torch.svd_lowrank(stored, q=min(r + 10, *g.shape), niter=2)
+    return (u[:, :r] if stored is g else v[:, :r]).contiguous()
 
 
 class Projector:

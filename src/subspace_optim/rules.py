@@ -57,10 +57,19 @@ def _apply(params: list[Tensor], directions: list[Tensor], lr: float, weight_dec
         torch._foreach_add_(params, directions, alpha=-lr)
 
 
-def adamw(params, grads, states, *, lr, weight_decay, betas, eps) -> None:
+#: AdamW's arithmetics: torch.optim.AdamW's, and galore-torch's (the old HF transformers AdamW it copied).
+ARITHMETICS = ("torch", "galore-torch")
+
+
+def adamw(params, grads, states, *, lr, weight_decay, betas, eps, arithmetic="torch") -> None:
     """AdamW (Kingma & Ba 2015; Loshchilov & Hutter 2019), computed by torch's own (fused where available) kernel.
 
     m <- b1 m + (1-b1) g;  v <- b2 v + (1-b2) g²;  U = (m / (1-b1^t)) / (sqrt(v / (1-b2^t)) + eps).
+    ``arithmetic="galore-torch"`` computes U = sqrt(1-b2^t) / (1-b1^t) * m / (sqrt(v) + eps) instead, as
+    galore-torch's AdamW does: eps added before the bias correction, i.e. an effective eps 1/sqrt(1-b2^t) times
+    larger (31.6x at step 1 with b2 = 0.999), so that its users can reproduce their runs (galore-torch's default eps
+    is 1e-6; pass it). Its weight decay comes after the update too, W <- W (1 - lr wd) (torch decays first):
+    ``decays_after_update``.
     ``step`` is a float tensor on the parameter's device, as in torch.optim.AdamW's fused state; a plain number
     (older checkpoints) or a step loaded onto another device is converted, as torch.optim.Adam does on load.
     The fused kernel mishandles tensors of different layouts (a transposed parameter, a strided gradient), so
@@ -77,6 +86,9 @@ def adamw(params, grads, states, *, lr, weight_decay, betas, eps) -> None:
         if "step" not in state or not isinstance(state["step"], Tensor) or state["step"].device != where:
             state["step"] = torch.as_tensor(state.get("step", 0.0), dtype=torch.float32, device=where)
     exp_avgs, exp_avg_sqs = [s["exp_avg"] for s in states], [s["exp_avg_sq"] for s in states]
+    if arithmetic == "galore-torch":
+        return _adamw_eps_before_correction(params, grads, exp_avgs, exp_avg_sqs, [s["step"] for s in states],
+                                            lr=lr, weight_decay=weight_decay, betas=betas, eps=eps)
     inputs = [[t.contiguous() for t in ts] for ts in (params, grads, exp_avgs, exp_avg_sqs)]
     torch_adamw(
         *inputs, [], [s["step"] for s in states], fused=fused, foreach=not fused, amsgrad=False, beta1=betas[0],
@@ -85,6 +97,34 @@ def adamw(params, grads, states, *, lr, weight_decay, betas, eps) -> None:
     for original, copy in zip(params + exp_avgs + exp_avg_sqs, inputs[0] + inputs[2] + inputs[3]):
         if copy is not original:
             original.copy_(copy)
+
+
+def _adamw_eps_before_correction(params, grads, exp_avgs, exp_avg_sqs, steps, *, lr, weight_decay, betas,
+                                 eps) -> None:
+    """galore-torch's AdamW arithmetic (see ``adamw``) in for-each ops: no host synchronisation (the step counts
+    and the per-parameter step sizes stay tensors), the moments updated as galore-torch updates them."""
+    beta1, beta2 = betas
+    torch._foreach_add_(steps, 1.0)
+    torch._foreach_mul_(exp_avgs, beta1)
+    torch._foreach_add_(exp_avgs, grads, alpha=1.0 - beta1)
+    torch._foreach_mul_(exp_avg_sqs, beta2)
+    torch._foreach_addcmul_(exp_avg_sqs, grads, grads, value=1.0 - beta2)
+    denominators = torch._foreach_sqrt(exp_avg_sqs)
+    torch._foreach_add_(denominators, eps)
+    updates = torch._foreach_div(exp_avgs, denominators)
+    # lr sqrt(1 - b2^t) / (1 - b1^t), in float64 as galore-torch computes it on the host
+    for update, step in zip(updates, steps):
+        t = step.to(torch.float64)
+        size = lr * torch.sqrt(1.0 - beta2 ** t) / (1.0 - beta1 ** t)
+        update.mul_(size.to(update.device))
+    torch._foreach_sub_(params, updates)
+    if weight_decay:
+        torch._foreach_mul_(params, 1.0 - lr * weight_decay)
+
+
+def decays_after_update(group: dict) -> bool:
+    """Whether a group's weight decay follows its update (galore-torch's arithmetic) rather than precedes it."""
+    return group.get("arithmetic") == "galore-torch"
 
 
 def sgd(params, grads, states, *, lr, weight_decay, momentum, dampening, nesterov) -> None:
@@ -169,6 +209,8 @@ def _check_adamw(h: dict) -> None:
     _check_betas(h["betas"])
     if not h["eps"] >= 0.0:
         raise ValueError(f"Invalid eps: {h['eps']!r}; expected >= 0")
+    if h["arithmetic"] not in ARITHMETICS:
+        raise ValueError(f"Invalid arithmetic: {h['arithmetic']!r}; choose one of {', '.join(ARITHMETICS)}")
 
 
 def _check_sgd(h: dict) -> None:
@@ -242,7 +284,7 @@ class Rule:
 
 
 RULES: dict[str, Rule] = {
-    "adamw": Rule("adamw", adamw, {"betas": (0.9, 0.999), "eps": 1e-8}, _check_adamw,
+    "adamw": Rule("adamw", adamw, {"betas": (0.9, 0.999), "eps": 1e-8, "arithmetic": "torch"}, _check_adamw,
                   frozenset({"exp_avg", "exp_avg_sq"})),
     "sgd": Rule("sgd", sgd, {"momentum": 0.9, "dampening": 0.0, "nesterov": False}, _check_sgd,
                 frozenset({"momentum_buffer"})),

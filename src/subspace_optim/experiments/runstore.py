@@ -7,6 +7,9 @@ with a provenance.json into the store (STORE/KEY; committed for the full study, 
 A stored run is reused when its config matches the planned flags and its provenance's ``identity`` equals the
 current one, which says what determines its numbers:
 - ``code``: the digest of the harness's source (``harness_code``: loop, data, model, loss, RSO layers, ...);
+- the run's settings as the harness resolves them now (``train/config.py``'s defaults filled in) must equal those
+  its config.json recorded, on every setting both know: a flag added since, whose default keeps the old
+  behaviour, does not rerun a run that could not have set it;
 - ``optimizer``: the behaviour of the optimizer library (``PROBED``): a digest of the weights after a few seeded
   steps of the run's own optimizer on the run's model (``optimizer_probe``). A refactor of the library that leaves
   every number bitwise unchanged keeps the runs; one that changes a number reruns them. The library changes far
@@ -27,6 +30,7 @@ import platform
 import shutil
 import subprocess
 import sys
+import threading
 import time
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -49,6 +53,10 @@ NOT_TRAINING = ("cli.py", "__main__.py", "hf.py", "memory_estimate.py")
 #: The optimizer library, identified by its behaviour (``optimizer_probe``) rather than by its source.
 PROBED = ("optimizer.py", "projectors.py", "rules.py", "lowbit.py", "distributed.py", "groups.py",
           "train/optimizers.py")
+#: The harness's settings, identified by what they resolve to (``resolved_settings``) rather than by their source.
+SETTINGS_CODE = "train/config.py"
+#: Settings of where a run writes and how it reports, not of what it computes.
+NOT_COMPUTED = ("out", "resume", "quiet", "keep_checkpoints")
 #: The probe: steps, refresh gap (and total steps, so that GoLore@x% switches inside it), vocabulary size.
 PROBE_STEPS, PROBE_GAP, PROBE_VOCAB = 10, 2, 512
 #: Flags that do not change which code an optimizer runs (the probe fixes its own steps, gap and data).
@@ -63,8 +71,25 @@ def training_code() -> list[Path]:
 
 
 def harness_code() -> list[Path]:
-    """The training code whose source is digested: all of it but the probed optimizer library."""
-    return [p for p in training_code() if p.relative_to(PACKAGE).as_posix() not in PROBED]
+    """The training code whose source is digested: all of it but the probed optimizer library and the settings."""
+    return [p for p in training_code() if p.relative_to(PACKAGE).as_posix() not in (*PROBED, SETTINGS_CODE)]
+
+
+def resolved_settings(flags: dict) -> dict:
+    """Every setting of a run of ``flags`` as the harness resolves it now (task defaults, warm-up, clipping...)."""
+    from ..train.config import TrainConfig, resolve
+    from ..train.optimizers import check_method
+
+    names = {f.name for f in dataclasses.fields(TrainConfig)}
+    cfg = resolve(TrainConfig(**{k: v for k, v in flags.items() if k in names}))
+    check_method(cfg)  # fills the method's defaults (e.g. RSO's --moments reset), as the harness does before saving
+    return cfg.to_dict()
+
+
+def changed_settings(config: dict, flags: dict) -> list[str]:
+    """The settings (known both to ``config``, a run's config.json, and to the harness now) that differ."""
+    now = resolved_settings(flags)
+    return [k for k in sorted(config.keys() & now.keys()) if k not in NOT_COMPUTED and config[k] != now[k]]
 
 
 def _code_only(source: str) -> str:
@@ -97,12 +122,21 @@ def optimizer_probe(flags: dict) -> str:
     PROBE_VOCAB-token vocabulary) from seed 0, with seeded random gradients, refreshing every PROBE_GAP steps, on
     one thread as the runs are. Equal digests: the library computes the run's first steps bitwise alike."""
     from ..train.config import TrainConfig, resolve
-    from ..train.models import build_causal_lm, causal_lm_config
-    from ..train.optimizers import build_optimizer
 
     names = {f.name for f in dataclasses.fields(TrainConfig)}
     values = {k: v for k, v in flags.items() if k in names and k not in PROBE_IGNORES}
     cfg = resolve(TrainConfig(**values, steps=PROBE_STEPS, update_gap=PROBE_GAP, device="cpu"))
+    with _PROBE_LOCK:  # --jobs: one probe at a time (the thread count is global; lazy imports are not thread-safe)
+        return _probe(cfg)
+
+
+_PROBE_LOCK = threading.Lock()
+
+
+def _probe(cfg) -> str:
+    from ..train.models import build_causal_lm, causal_lm_config
+    from ..train.optimizers import build_optimizer
+
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
@@ -161,6 +195,19 @@ class RunStore:
         self.shared = {"code": code_digest(), **identity}
         self.fresh_process = fresh_process
         self._probes: dict[str, str] = {}
+        self._library = code_digest(self._library_files())
+
+    @staticmethod
+    def _library_files() -> list[Path]:
+        return [PACKAGE / f for f in PROBED]
+
+    def refresh(self) -> None:
+        """Take the code as it is now: a run launched after an edit is identified by the edited code (a training
+        process imports the package afresh)."""
+        self.shared["code"] = code_digest()
+        library = code_digest(self._library_files())
+        if library != self._library:  # the library's source changed: probe it again
+            self._library, self._probes = library, {}
 
     def identity(self, run: Planned) -> dict:
         """What ``run``'s numbers are determined by (see the module's docstring); probes are computed once each."""
@@ -188,6 +235,9 @@ class RunStore:
         """Why a stored run may not stand for ``run`` (None: it may)."""
         if not same_config(found.config, run.flags):
             return "its settings differ"
+        changed = changed_settings(found.config, run.flags)
+        if changed:
+            return f"its resolved settings changed ({', '.join(changed)})"
         identity = self.identity(run)
         changed = [k for k in identity if found.provenance.get("identity", {}).get(k) != identity[k]]
         if changed:
@@ -202,7 +252,8 @@ class RunStore:
             config = json.loads((folder / "config.json").read_text())
         except (OSError, ValueError):
             return None
-        return started if started.get("identity") == self.identity(run) and same_config(config, run.flags) else None
+        same = same_config(config, run.flags) and not changed_settings(config, run.flags)
+        return started if started.get("identity") == self.identity(run) and same else None
 
     def _finished(self, run: Planned) -> dict | None:
         """started.json of a scratch run that finished but was not stored (its orchestrator stopped first: the
@@ -249,6 +300,7 @@ class RunStore:
 
     def execute(self, run: Planned) -> Stored:
         """Train ``run`` (resuming its interrupted scratch run when there is one) and store the result."""
+        self.refresh()
         folder = self.scratch / run.key
         finished = self._finished(run)
         if finished is not None:  # nothing is trained twice

@@ -80,6 +80,10 @@ class TrainConfig:
     state_bits: int = _f(32, "how the optimizer's moments are held: 32 (float32, as torch.optim), 16 (bfloat16), 8 "
                          "or 4 (block-wise quantized, torchao's optimizer states; needs the 'lowbit' extra)",
                          choices=(32, 16, 8, 4))
+    adam_arithmetic: str = _f("torch", "AdamW's arithmetic in our optimizers: torch (torch.optim.AdamW's) or "
+                              "galore-torch (GaLoreAdamW's: eps 1e-6 added to sqrt(v) before the bias correction, "
+                              "weight decay after the update; --optimizer galore --moments keep then reproduces "
+                              "--optimizer galore-torch)", choices=("torch", "galore-torch"))
     layerwise: bool = _f(False, "update each weight inside backward (saves gradient memory; no --clip)")
     fused_loss: bool = _f(False, "compute lm_head and the cross-entropy together in chunks (torch's "
                           "linear_cross_entropy): the logits are never stored", only="lm")

@@ -67,6 +67,8 @@ def projected_groups(cfg: TrainConfig, model: nn.Module) -> list[dict]:
 
 def _ours(cfg: TrainConfig, model: nn.Module, params, **settings) -> Setup:
     extra = {"moments": cfg.moments} if cfg.moments else {}
+    if cfg.adam_arithmetic != "torch":  # galore-torch's AdamW, with its default eps
+        extra.update(arithmetic=cfg.adam_arithmetic, eps=1e-6)
     optimizer = _rule_class(cfg.rule)(
         params, lr=cfg.lr, weight_decay=cfg.weight_decay, update_gap=cfg.update_gap, scale=cfg.scale,
         seed=cfg.seed, layerwise=cfg.layerwise, state_bits=cfg.state_bits, **extra, **settings,
@@ -183,6 +185,9 @@ def check_method(cfg: TrainConfig) -> Method:
     if cfg.state_bits != 32 and not method.state_bits:
         raise UsageError(f"--state-bits {cfg.state_bits}: --optimizer {name} holds float32 moments; use --optimizer "
                          "full for a dense baseline with low-precision moments")
+    if cfg.adam_arithmetic != "torch" and (cfg.rule != "adamw" or name in ("adamw", "galore-torch")):
+        raise UsageError(f"--adam-arithmetic {cfg.adam_arithmetic}: only our optimizers with --rule adamw take it "
+                         f"(not --optimizer {name} --rule {cfg.rule}; for a dense baseline use --optimizer full)")
     if cfg.moments is not None and cfg.moments not in method.moments:
         takes = f"takes {' or '.join(method.moments)}" if method.moments else "has no subspace moments"
         raise UsageError(f"--moments {cfg.moments}: --optimizer {name} {takes}")
