@@ -206,13 +206,14 @@ def _is_zero(lr) -> bool:
     return lr == 0
 
 
-def _data_basis(projector, state: dict, group: dict, key: int, grad: Tensor) -> Tensor:
+def _data_basis(projector, state: dict, group: dict, key: int, right: bool, grad: Tensor) -> Tensor:
     """A data-dependent basis of the whole oriented gradient; NaN/inf entries are zeroed first so that an SVD
     never sees them (such a step is skipped anyway: R inherits the NaN/inf and the step's check catches it)."""
-    # zeroed in the layout the gradient has (a right-projected weight's is a transposed view: see top_singular)
-    stored = grad.T if not grad.is_contiguous() and grad.T.is_contiguous() else grad
+    # G as the weight stores it, contiguous whatever the gradient's layout: for a right-projected weight the
+    # oriented G is then a transposed view, whose SVD top_singular takes of G itself (galore-torch's signs)
+    stored = (grad.T if right else grad).contiguous()
     clean = torch.where(torch.isfinite(stored), stored, torch.zeros((), dtype=grad.dtype, device=grad.device))
-    return projector.refresh(clean.T if stored is not grad else clean, state, group, key)[0]
+    return projector.refresh(clean.T if right else clean, state, group, key)[0]
 
 
 #: rows x columns of the float32 block in a narrow-dtype write-back (16 MiB)
@@ -511,7 +512,7 @@ class SubspaceOptimizer(Optimizer):
             else:
                 rows = local(grad).reshape(local(p).shape[0], -1)
                 orient = (lambda w: w) if self._left(p, group) else (lambda w: w.T)
-                compute = partial(_data_basis, projector, state, group, work.key)
+                compute = partial(_data_basis, projector, state, group, work.key, not self._left(p, group))
                 work.owned = OwnedRefresh(layout, layout.owner(self._index[p]), rows, orient, compute,
                                           (d, group["rank"]))
         return work
