@@ -324,6 +324,7 @@ def test_jobs_run_that_many_training_processes_at_once(tmp_path, monkeypatch, ca
     assert a0 < b1 and b0 < a1  # the two runs overlapped
     assert main(["reproduce", "pretrain", "--quick", "--methods", "sgd"]) == 2
     assert main(["reproduce", "finetune", "--quick", "--jobs", "2"]) == 2
+    assert main(["reproduce", "pretrain", "--quick", "--jobs", "0"]) == 2
     assert "--methods sgd: the study's methods are" in capsys.readouterr().err
 
 

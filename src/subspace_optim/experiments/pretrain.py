@@ -1,7 +1,8 @@
 """`subspace-optim reproduce pretrain`: how much quality the memory saving costs, and which projector to use.
 
 Every method pretrains the same model on the same tokens, in the same order, at each learning rate of one grid
-at the first seed, and is reported at its best learning rate there (lowest validation perplexity) over two seeds. The model, llama-study with a 2k-token BPE trained on the training split, has 82% of its parameters in the
+at the first seed, and is reported at its best learning rate there (lowest validation perplexity) over two
+seeds. The model, llama-study with a 2k-token BPE trained on the training split, has 82% of its parameters in the
 linear layers that the subspace methods project (llama-tiny with the 32k vocabulary: 13%). The papers' claims are
 sub-studies on top, run at the methods' best learning rates and judged from the numbers by ``not_worse`` and
 ``better`` ("pending" while their runs are missing).
@@ -573,22 +574,21 @@ def _setup(study: Study, runs: list[Planned]) -> str:
             f"{timing}")
 
 
-def _methods(args) -> set[str] | None:
-    """--methods: the methods whose runs may start (None: all); UsageError for one the study does not have."""
+def _selected(args, runs: list[Planned]) -> list[Planned]:
+    """The runs that --methods lets start (all without it); UsageError for a method the study does not have."""
     if not getattr(args, "methods", None):
-        return None
+        return runs
     methods = set(args.methods.split(","))
     if methods - set(METHODS):
         raise UsageError(f"--methods {args.methods}: the study's methods are {', '.join(METHODS)}")
-    return methods
+    return [r for r in runs if r.flags["optimizer"] in methods]
 
 
 def dry_run(args) -> list[str]:
     """Each planned run with what would happen to it (reuse, resume, run, rerun and why), and what waits."""
     study = Study(args, dry_run=True)
-    methods = _methods(args)
     runs, waiting = study.planned()
-    runs = [r for r in runs if methods is None or r.flags["optimizer"] in methods]
+    runs = _selected(args, runs)
     lines = [f"[{study.store.status(r)}] {study.store.command(r)}" for r in runs]
     return lines + [f"[waiting for its method's learning-rate grid] {w}, seeds "
                     f"{', '.join(map(str, study.scale.seeds))}" for w in waiting]
@@ -599,13 +599,12 @@ def main(args) -> Path:
     write the report from every stored run and, where OUT holds the results index, regenerate the index."""
     study = Study(args)
     report = Report("pretrain", args.out, args.argv)
-    methods = _methods(args)
     jobs = getattr(args, "jobs", 1) if study.scale.fresh_process else 1  # in-process runs: one at a time
     started, running = 0, {}
     with ThreadPoolExecutor(jobs) as pool:
         while True:
-            todo = [r for r in study.planned()[0] if study.result(r) is None and r.key not in running
-                    and (methods is None or r.flags["optimizer"] in methods)]
+            todo = [r for r in _selected(args, study.planned()[0]) if study.result(r) is None
+                    and r.key not in running]
             while todo and len(running) < jobs and (args.max_runs is None or started < args.max_runs):
                 run = todo.pop(0)
                 running[run.key] = (run, pool.submit(study.store.execute, run))

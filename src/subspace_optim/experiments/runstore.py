@@ -75,13 +75,19 @@ def harness_code() -> list[Path]:
     return [p for p in training_code() if p.relative_to(PACKAGE).as_posix() not in (*PROBED, SETTINGS_CODE)]
 
 
-def resolved_settings(flags: dict) -> dict:
-    """Every setting of a run of ``flags`` as the harness resolves it now (task defaults, warm-up, clipping...)."""
+def _train_config(flags: dict, **overrides):
+    """The resolved TrainConfig of a run of ``flags`` (those that are settings of it), with ``overrides``."""
     from ..train.config import TrainConfig, resolve
-    from ..train.optimizers import check_method
 
     names = {f.name for f in dataclasses.fields(TrainConfig)}
-    cfg = resolve(TrainConfig(**{k: v for k, v in flags.items() if k in names}))
+    return resolve(TrainConfig(**{k: v for k, v in flags.items() if k in names and k not in overrides}, **overrides))
+
+
+def resolved_settings(flags: dict) -> dict:
+    """Every setting of a run of ``flags`` as the harness resolves it now (task defaults, warm-up, clipping...)."""
+    from ..train.optimizers import check_method
+
+    cfg = _train_config(flags)
     check_method(cfg)  # fills the method's defaults (e.g. RSO's --moments reset), as the harness does before saving
     return cfg.to_dict()
 
@@ -121,11 +127,8 @@ def optimizer_probe(flags: dict) -> str:
     """SHA-256 of the weights after PROBE_STEPS steps of the optimizer that ``flags`` build, on their model (with a
     PROBE_VOCAB-token vocabulary) from seed 0, with seeded random gradients, refreshing every PROBE_GAP steps, on
     one thread as the runs are. Equal digests: the library computes the run's first steps bitwise alike."""
-    from ..train.config import TrainConfig, resolve
-
-    names = {f.name for f in dataclasses.fields(TrainConfig)}
-    values = {k: v for k, v in flags.items() if k in names and k not in PROBE_IGNORES}
-    cfg = resolve(TrainConfig(**values, steps=PROBE_STEPS, update_gap=PROBE_GAP, device="cpu"))
+    kept = {k: v for k, v in flags.items() if k not in PROBE_IGNORES}
+    cfg = _train_config(kept, steps=PROBE_STEPS, update_gap=PROBE_GAP, device="cpu")
     with _PROBE_LOCK:  # --jobs: one probe at a time (the thread count is global; lazy imports are not thread-safe)
         return _probe(cfg)
 
