@@ -63,10 +63,6 @@ def settings(projector: str) -> dict:
     extra = {"total_steps": 4, "random_fraction": 0.5} if projector == "hybrid" else {}
     if projector == "auto":
         extra["auto_threshold"] = 0.9  # switch some weights mid-run, so both branches are compared
-    if projector == "online_pca":
-        # Adam on P turns rounding-level differences of near-zero PCA gradients into full steps (1e-7 -> 1e-2
-        # within a few steps, on one process too): SGD on P shows that the distributed arithmetic is the same
-        extra["pca_rule"] = "sgd"
     return {"projector": projector, "update_gap": GAP, **extra}
 
 

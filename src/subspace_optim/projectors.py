@@ -231,6 +231,14 @@ class OnlinePCA(Projector):
         reset_steps(state["pca"])
 
     def track(self, grad, lowrank, state, group, layout=LOCAL):
+        if state["proj_step"] == 0:
+            # P was just started as the SVD of this very gradient, where the PCA loss is at its minimum: its
+            # gradient is rounding noise, which Adam would scale up to a full pca_lr step in a random direction
+            # (1e-7 perturbations of G grew to 6e-2 in W after 6 steps). The paper's code also learns P from the
+            # second gradient on; this step only creates P's optimizer state, as a checkpoint template has it.
+            if "pca" not in state:
+                self.init_state(state, group, lowrank, layout)
+            return None
         basis = _learned(state["basis"])
         pca_grad = self.pca_gradient(grad, lowrank, basis, group["pca_lambda"], layout)
         # The projection's step size follows the model's schedule, as in the paper's code: lr_P * lr / lr_0.
