@@ -62,8 +62,10 @@ def groups(model: nn.Module, **settings):
 def settings(projector: str) -> dict:
     extra = {"total_steps": 4, "random_fraction": 0.5} if projector == "hybrid" else {}
     if projector == "auto":
-        extra["auto_threshold"] = 0.9  # switch some weights mid-run, so both branches are compared
-    return {"projector": projector, "update_gap": GAP, **extra}
+        # z far below any: every weight switches at its first decision (step 3; a decision needs 2 steps after
+        # a refresh), so both branches are compared
+        extra.update(auto_threshold=-1e9, update_gap=3)
+    return {"projector": projector, "update_gap": GAP} | extra
 
 
 def make_optimizer(rule: str, model: nn.Module, **kw):

@@ -85,7 +85,8 @@ def _config(projector, rule, moments="project", layerwise=False):
         # that are only equal up to rounding use SGD on P; the Adam path has its own exact-equality configs.
         kwargs.update(pca_rule="sgd", pca_lr=0.05)
     if projector == "auto":
-        kwargs.update(auto_threshold=0.9)  # high enough that the tiny run really switches some parameters
+        # z = -1.3: the SVD side leads by z = -1.2..-1.4 here, so one weight switches at step 4, the others at 8
+        kwargs.update(auto_threshold=-1.3)
     name = f"{projector}-{rule}-{moments}" + ("-layerwise" if layerwise else "")
     return Config(name, cls, kwargs)
 

@@ -56,15 +56,15 @@ def meta_params():
 @pytest.mark.parametrize("cls", RULE_CLASSES, ids=lambda c: c.__name__)
 def test_a_step_reads_the_host_once_and_keeps_state_on_the_device(cls, projector, reads):
     left, right, bias = meta_params()
-    opt = cls([{"params": [left, right], "rank": 2, "projector": projector, "update_gap": 2, "total_steps": 4},
+    opt = cls([{"params": [left, right], "rank": 2, "projector": projector, "update_gap": 3, "total_steps": 6},
                {"params": [bias]}], lr=1e-2)
     with CountSyncs() as mode:
-        for _ in range(5):  # three refreshes, the hybrid's switch among them
+        for _ in range(7):  # three refreshes, the hybrid's switch and auto's two decisions among them
             for p in (left, right, bias):
                 p.grad = torch.empty_like(p)
             opt.step()
     assert mode.syncs == 0
-    assert len(reads) == 5
+    assert len(reads) == 7
     for state in opt.state.values():
         for key, value in state.items():
             if isinstance(value, torch.Tensor):
@@ -149,13 +149,13 @@ def test_a_layerwise_step_reads_the_host_once(cls, projector, reads):
     """Layer-wise updates run inside backward with no host read: each parameter's update is guarded on the device
     and step() reads every parameter's non-finite flag (and auto's switches) at once."""
     left, right, bias = meta_params()
-    opt = cls([{"params": [left, right], "rank": 2, "projector": projector, "update_gap": 2, "total_steps": 4},
+    opt = cls([{"params": [left, right], "rank": 2, "projector": projector, "update_gap": 3, "total_steps": 6},
                {"params": [bias]}], lr=1e-2, layerwise=True)
     with CountSyncs() as mode:
-        for _ in range(5):
+        for _ in range(7):  # three refreshes, the hybrid's switch and auto's two decisions among them
             loss = left.sum() + right.sum() + bias.sum()
             loss.backward()  # the hooks update every parameter here
             opt.step()
     assert mode.syncs == 0
-    assert len(reads) == 5
+    assert len(reads) == 7
     assert all(p.grad is None for p in (left, right, bias))

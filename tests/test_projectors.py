@@ -212,3 +212,84 @@ def test_online_pca_first_step_keeps_the_svd_basis():
     weight.grad = torch.randn(12, 20, generator=gen)
     opt.step()
     assert int(state["pca"]["step"]) == 1 and not torch.equal(before, state["basis"])
+
+
+# ------------------------------------------------------------------ auto's criterion
+
+
+def _auto_run(gradients, rank=4, gap=10, **kw):
+    """An auto optimizer stepped (lr 0: the weight, hence the gradients' law, stays fixed) on ``gradients``."""
+    weight = torch.nn.Parameter(torch.zeros(gradients[0].shape))
+    opt = SubspaceSGD([weight], lr=0.0, rank=rank, update_gap=gap, projector="auto", side="left", **kw)
+    for g in gradients:
+        weight.grad = g.clone()
+        opt.step()
+    return opt, opt.state[weight]
+
+
+def test_auto_statistic_is_the_cross_term_difference():
+    """After a refresh at step 0, steps 1..k add D_t = (r/d)⟨Z_t, ΣZ_{<t}⟩ - ⟨R_t, ΣR_{<t}⟩ with R_t = Pᵀ G_t and
+    Z_t = Sᵀ G_t: ΣD_t = (r/d)(‖ΣZ‖² - Σ‖Z_t‖²)/2 - (‖ΣR‖² - Σ‖R_t‖²)/2, and ΣD_t² as accumulated."""
+    gen = torch.Generator().manual_seed(0)
+    grads = [torch.randn(12, 20, generator=gen) for _ in range(6)]
+    _, state = _auto_run(grads, rank=3, gap=10)
+    basis, sketch = state["basis"], state["auto_sketch"]
+    assert state["auto_count"] == 5 and sketch.shape == (12, 12)
+    lows, sketched = [basis.T @ g for g in grads[1:]], [sketch.T @ g for g in grads[1:]]
+    diffs = []
+    for t in range(1, 5 + 1):
+        before_r, before_z = sum(lows[:t - 1], torch.zeros(3, 20)), sum(sketched[:t - 1], torch.zeros(12, 20))
+        diffs.append(3 / 12 * (sketched[t - 1] * before_z).sum() - (lows[t - 1] * before_r).sum())
+    closed = (3 / 12 * (sum(sketched).square().sum() - sum(z.square().sum() for z in sketched))
+              - (sum(lows).square().sum() - sum(r.square().sum() for r in lows))) / 2
+    torch.testing.assert_close(state["auto_test"][0], closed, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(state["auto_test"], torch.stack([sum(diffs), sum(d * d for d in diffs)]),
+                               rtol=1e-5, atol=1e-5)
+
+
+def test_auto_sketch_is_isotropic():
+    """E[S Sᵀ] = I for the period's sketch, so (‖ΣZ‖² - Σ‖Z_t‖²) / C(k, 2) estimates ‖∇f‖² on average over periods."""
+    from subspace_optim.projectors import Auto
+
+    mean = sum(s @ s.T for s in (Auto.sketch(6, key) for key in range(4000))) / 4000
+    torch.testing.assert_close(mean, torch.eye(6), atol=0.08, rtol=0)
+
+
+def _noisy(signal, noise, steps, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    return [signal + noise * torch.randn(signal.shape, generator=gen) for _ in range(steps)]
+
+
+def test_auto_keeps_galore_when_its_subspace_holds_the_signal_under_heavy_noise():
+    """A rank-4 expected gradient under isotropic noise 3x its entries' scale: the SVD subspace captures more of
+    it than a random one would (or too little can be told): no switch. The period-mean SNR (the criterion of
+    earlier versions) read this as noise and switched."""
+    gen = torch.Generator().manual_seed(1)
+    signal = torch.randn(32, 4, generator=gen) @ torch.randn(4, 48, generator=gen)
+    opt, _ = _auto_run(_noisy(signal, 3 * signal.std().item(), 80))
+    assert opt.switch_steps() == {}
+
+
+def test_auto_keeps_galore_on_pure_noise():
+    """Zero-mean noise alone: no expected gradient to capture on either side, so nothing says the SVD is worse."""
+    opt, _ = _auto_run(_noisy(torch.zeros(32, 48), 1.0, 80))
+    assert opt.switch_steps() == {}
+
+
+def test_auto_switches_when_the_svd_follows_structured_noise():
+    """The counterexample's mechanism at another size: the expected gradient lives in rows 0..15, a rank-4 noise
+    ±C with larger singular values in rows 16..19, so the SVD picks the noise rows and captures none of ∇f: switch
+    at the first decision (the refresh after the first period: its power grows with the period, the difference
+    as C(k, 2) and its noise as its square root). With too few steps per period to tell the two apart (gap 5), it
+    keeps GaLore rather than flip a coin."""
+    gen = torch.Generator().manual_seed(2)
+    signal = torch.zeros(32, 48)
+    signal[:16] = torch.randn(16, 48, generator=gen) * 0.3
+    noise_dir = torch.zeros(32, 48)
+    noise_dir[16:20, :4] = 4 * torch.eye(4)
+    signs = torch.randint(0, 2, (110,), generator=gen) * 2.0 - 1
+    gradients = [signal + s * noise_dir for s in signs]
+    _, state = _auto_run(gradients, gap=100)
+    assert state["switched_at"] == 100
+    _, state = _auto_run(gradients[:6], gap=5)
+    assert state["switched_at"] == -1

@@ -188,13 +188,13 @@ def test_auto_summary_names_the_switched_parameters(tmp_path, monkeypatch):
     """summary.json's switch_steps is keyed by parameter name, not by the optimizer's index."""
     from subspace_optim import optimizer
 
-    monkeypatch.setitem(optimizer.SETTINGS, "auto_threshold", 2.0)  # above any SNR (<= 1): switch at 1st refresh
+    monkeypatch.setitem(optimizer.SETTINGS, "auto_threshold", -1e9)  # z far below any: switch at the 1st decision
     text = tmp_path / "text.txt"
     text.write_text("\n\n".join(f"Story {i}. " + "The council approved the new budget today. " * 5
                                 for i in range(30)))
     out = tmp_path / "run"
-    train("--model", tiny_config(tmp_path / "tiny.json"), "--data", str(text), "--rank", "4", "--steps", "3",
-          "--update-gap", "2", "--optimizer", "auto", "--out", str(out), *SMALL)
+    train("--model", tiny_config(tmp_path / "tiny.json"), "--data", str(text), "--rank", "4", "--steps", "4",
+          "--update-gap", "3", "--optimizer", "auto", "--out", str(out), *SMALL)
     switched = json.loads((out / "summary.json").read_text())["switch_steps"]
     assert "model.layers.0.self_attn.q_proj.weight" in switched and "model.layers.0.mlp.down_proj.weight" in switched
     assert len(set(switched.values())) == 1  # every projected weight, at the same refresh

@@ -61,7 +61,8 @@ SVD_METHODS = ("exact", "randomized")
 NONFINITE = ("skip", "raise")
 #: State entries owned by the projection machinery; everything else belongs to the inner rule.
 PROJECTION_KEYS = frozenset(
-    {"basis", "random_basis", "proj_step", "refreshes", "switched_at", "snr_sum", "snr_sq", "snr_count", "pca",
+    {"basis", "random_basis", "proj_step", "refreshes", "switched_at", "auto_sum", "auto_sketch",
+     "auto_sketch_sum", "auto_test", "auto_count", "snr_sum", "snr_sq", "snr_count", "pca",
      "acc", "micro", "pending_basis"}
 )
 #: Group settings that give the saved state its meaning (moments live in the subspace they pick, random bases
@@ -379,8 +380,11 @@ class SubspaceOptimizer(Optimizer):
             _positive_int("total_steps (required by projector='hybrid')", group["total_steps"])
             if not 0.0 <= group["random_fraction"] <= 1.0:
                 raise ValueError(f"Invalid random_fraction: {group['random_fraction']!r}; expected in [0, 1]")
-        if group["auto_threshold"] is not None and not group["auto_threshold"] > 0:
-            raise ValueError(f"Invalid auto_threshold: {group['auto_threshold']!r}; expected > 0 or None")
+        threshold = group["auto_threshold"]
+        if threshold is not None and (isinstance(threshold, bool) or not isinstance(threshold, (int, float))
+                                      or not math.isfinite(threshold)):
+            raise ValueError(f"Invalid auto_threshold: {threshold!r}; expected a finite number (the z-score a "
+                             "switch needs; default 2) or None")
         if group["pca_lr"] is not None and not group["pca_lr"] >= 0:
             raise ValueError(f"Invalid pca_lr: {group['pca_lr']!r}; expected >= 0 or None")
         if not group["pca_lambda"] >= 0:

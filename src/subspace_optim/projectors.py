@@ -14,9 +14,9 @@ numbers inside the optimizer's state dict, so ``torch.load(weights_only=True)`` 
 - ``hybrid``: GoLore@x% — GaLore for the first (1 - x) of ``total_steps``, GoLore after (at a refresh, for good).
 - ``online_pca``: Online Subspace Descent (Liang et al. 2024): P starts from the SVD of the first gradient and
   takes one step of its own optimizer on L(P) = ‖P Pᵀ Ĝ - Ĝ‖² + λ‖PᵀP - I‖², Ĝ = G/‖G‖, after every update.
-- ``auto``: GaLore while its subspace holds signal; per parameter, switches to GoLore once the signal-to-noise
-  ratio inside the subspace over a refresh period, ‖(1/k)Σ R_t‖² / ((1/k)Σ‖R_t‖²), falls below a threshold
-  (zero-mean noise gives about 1/k, a steady gradient about 1).
+- ``auto``: GaLore per parameter until its SVD subspace captures measurably less of the expected gradient than a
+  random subspace would (both estimated from cross terms of a period's gradients, where noise cancels); then
+  GoLore, for good.
 """
 
 from __future__ import annotations
@@ -265,55 +265,101 @@ def reset_steps(state: dict) -> None:
 
 
 class Auto(Switching):
-    """GaLore that switches a parameter to GoLore once its SVD subspace holds mostly noise.
+    """GaLore that switches a parameter to GoLore once its SVD subspace no longer captures more of the expected
+    gradient than a random subspace would.
 
-    Over each refresh period of k steps it accumulates S = Σ R_t and Q = Σ ‖R_t‖²; at the next refresh the
-    in-subspace signal-to-noise ratio ‖S‖² / (k Q) is about 1 for a steady gradient and about 1/k for zero-mean
-    noise. Below ``auto_threshold`` (default 1/sqrt(k), halfway on a log scale) the parameter switches, for
-    good, to random projection, and ``state["switched_at"]`` records the step. The fraction of a fresh gradient
-    captured by the subspace is *not* used: it stays high when the noise itself has a fixed low-rank structure.
-    The decision is a device tensor (``settle``), read with the step's one host sync, so a refresh that may
-    switch computes both bases and keeps one; after the switch no SVD is computed again.
+    GoLore's argument (He et al. 2024): a Haar subspace captures E‖Pᵀ∇f‖² = (r/d)‖∇f‖² of the expected gradient
+    ∇f = E[G], whatever the noise; an SVD subspace of noisy gradients can capture far less (it follows the noise)
+    or far more (it follows the signal). Over each refresh period, on the steps after the refresh (whose SVD was
+    fitted to that step's own noise), both sides are estimated without bias from cross terms of different steps,
+    in which zero-mean noise cancels however large or low-rank it is:
+
+    - SVD side: with R_t = Pᵀ G_t, Σ_{s<t} ⟨R_s, R_t⟩ / C(k, 2) estimates ‖Pᵀ∇f‖²;
+    - random side: the same with Z_t = Sᵀ G_t for a Gaussian sketch S (d x s, entries N(0, 1/s), s = min(d, 16),
+      drawn per period) estimates ‖∇f‖², scaled by r/d.
+
+    Each step adds D_t = (r/d)⟨Z_t, ΣZ_{<t}⟩ - ⟨R_t, ΣR_{<t}⟩, so ΣD_t estimates C(k, 2) times "random minus SVD";
+    the D_t are martingale differences where the two are equal, so ΣD_t² estimates its variance. At the next
+    refresh the parameter switches, for good, when ΣD_t > z sqrt(ΣD_t²) with z = ``auto_threshold`` (default
+    2; a negative z switches unless the SVD subspace is measurably better): the SVD subspace is measurably worse
+    than a random one. Merely noisy gradients (both sides small, or the SVD side ahead) keep GaLore: noise alone is
+    no reason to give up the SVD. ``state["switched_at"]`` records the
+    step. The decision is a device tensor (``settle``) read with the step's one host sync. Until the switch it
+    costs one s x D projection per step (under FSDP2 an all-reduce of s x D numbers for a row-sharded left
+    projection, of two numbers for a column-sharded right one) and
+    r x D + s x D + d x s numbers of state; after it, nothing. A period needs at least 2 steps after its
+    refresh (update_gap >= 3) to decide.
     """
 
     name = "auto"
+    tracks_gradient = True
+    SKETCH = 16  # columns of the sketch (at most d): its estimate of ‖∇f‖² has a relative spread of about sqrt(2/s)
+    DEFAULT_Z = 2.0
+    _SKETCH_STREAM = 0x5EED
+
+    def needs_full_gradient(self, state, group):
+        return state.get("switched_at", -1) < 0 or super().needs_full_gradient(state, group)
+
+    @classmethod
+    def sketch(cls, d: int, key: int, device=None) -> Tensor:
+        """The period's Gaussian sketch, d x min(d, SKETCH), E[S Sᵀ] = I; drawn on the CPU generator (every rank and
+        device draw the same) from the refresh's key."""
+        s = min(d, cls.SKETCH)
+        gen = torch.Generator().manual_seed(derive_seed(key, cls._SKETCH_STREAM))
+        return (torch.randn(d, s, generator=gen) / math.sqrt(s)).to(device)
 
     def settle(self, basis, state, group, key, layout=LOCAL):
-        k = state.get("snr_count", 0)
-        if k < 2:
+        k = state.get("auto_count", 0)
+        noisy = None
+        if k >= 2:
+            total, squares = state["auto_test"][0], state["auto_test"][1]
+            z = group["auto_threshold"] or self.DEFAULT_Z
+            noisy = ((total > z * squares.sqrt()) & (squares > 0)).reshape(())
+        # the next period's sketch (a skipped step redoes this refresh: the same key draws the same sketch)
+        state["auto_sketch"] = self.sketch(basis.shape[0], key, basis.device)
+        if noisy is None:
             return basis, False
-        total = local(state["snr_sum"]).square().sum().reshape(1)
-        squares = local(state["snr_sq"]).sum().reshape(1)
-        if layout.split == "cols":  # S and Q are partial sums over the column shards
-            total, squares = layout.sum_([total, squares])
-        threshold = group["auto_threshold"] or 1.0 / math.sqrt(group["update_gap"])
-        snr = total / (k * squares).clamp_min(torch.finfo(torch.float32).tiny)
-        noisy = (snr < threshold).reshape(())
         random = haar_stiefel(basis.shape[0], group["rank"], key, basis.device).to(basis.dtype)
         return torch.where(noisy, random, basis), noisy
 
     def commit(self, state, group, random):
         super().commit(state, group, random)
-        if "snr_sum" in state:
-            state["snr_sum"].zero_()
-            state["snr_sq"].zero_()
-            state["snr_count"] = 0
+        for legacy in ("snr_sum", "snr_sq", "snr_count"):  # the statistic of earlier versions
+            state.pop(legacy, None)
+        if "auto_sum" in state:
+            for name in ("auto_sum", "auto_sketch_sum", "auto_test"):
+                local(state[name]).zero_()
+            state["auto_count"] = 0
 
     def init_state(self, state, group, lowrank, layout=LOCAL):
         state.setdefault("switched_at", -1)
-        # S = Σ R_t (r x D) and Q = Σ ‖R_t‖², kept per column (D), so that both shard like R
-        state["snr_sum"] = layout.wrap(torch.zeros_like(lowrank, dtype=torch.float32))
-        state["snr_sq"] = layout.wrap(torch.zeros(lowrank.shape[-1], device=lowrank.device))
-        state["snr_count"] = 0
+        d = state["basis"].shape[0]
+        s = min(d, self.SKETCH)
+        state.setdefault("auto_sketch", torch.zeros(d, s, device=lowrank.device))
+        # ΣR_t (r x D) and ΣZ_t (s x D) shard like R; (ΣD_t, ΣD_t²) are whole on every rank
+        state["auto_sum"] = layout.wrap(torch.zeros_like(lowrank, dtype=torch.float32))
+        state["auto_sketch_sum"] = layout.wrap(torch.zeros(s, lowrank.shape[-1], device=lowrank.device))
+        state["auto_test"] = torch.zeros(2, device=lowrank.device)
+        state["auto_count"] = 0
 
     def track(self, grad, lowrank, state, group, layout=LOCAL):
         if state.get("switched_at", -1) >= 0:
             return None
-        if "snr_sum" not in state:
+        if "auto_sum" not in state:
             self.init_state(state, group, lowrank, layout)
-        local(state["snr_sum"]).add_(lowrank)
-        local(state["snr_sq"]).add_(lowrank.float().square().sum(0))
-        state["snr_count"] += 1
+        if state["proj_step"] % group["update_gap"] == 0:
+            return None  # the refresh step: its SVD was fitted to this gradient's own noise
+        sums, sketch_sums = local(state["auto_sum"]), local(state["auto_sketch_sum"])
+        sketched = layout.project(state["auto_sketch"], grad)
+        lowrank = lowrank.float()
+        cross = torch.stack([(sketched * sketch_sums).sum(), (lowrank * sums).sum()])
+        if layout.split == "cols":  # partial sums over the column shards
+            (cross,) = layout.sum_([cross])
+        diff = group["rank"] / state["auto_sketch"].shape[0] * cross[0] - cross[1]
+        state["auto_test"].add_(torch.stack([diff, diff.square()]))
+        sums.add_(lowrank)
+        sketch_sums.add_(sketched)
+        state["auto_count"] += 1
         return None
 
 
