@@ -176,10 +176,11 @@ def _verdicts(report: Path) -> dict[str, str]:
 
 
 def _planned_quick() -> int:
-    """Runs of the quick study: a 2-lr grid at seed 0, seed 1 at the best lr, and 5 sub-study runs x 2 seeds
-    (batch 4 for GaLore, GoLore and auto; GaLore at rank 8; GoLore's 8-bit moments)."""
+    """Runs of the quick study: a 2-lr grid at seed 0, seed 1 at the best lr, and 7 sub-study runs x 2 seeds
+    (batch 4 for GaLore, GoLore and auto; GaLore at rank 8; GoLore's 8-bit moments; GaLore with kept moments, and
+    with galore-torch's AdamW arithmetic too)."""
     methods = len([m for m in SCALES["quick"].methods if m != "galore-torch" or importlib.util.find_spec("galore_torch")])
-    return 2 * methods + methods + 5 * 2
+    return 2 * methods + methods + 7 * 2
 
 
 def test_quick_study_end_to_end(quick):
@@ -189,8 +190,10 @@ def test_quick_study_end_to_end(quick):
     n = _planned_quick()
     assert "toy size" in report and "commit `" in report and f"Status: {n} of {n} runs stored" in report
     assert (quick / QUICK / "pretrain.png").stat().st_size > 0 and (quick / QUICK / "pretrain-batch.png").is_file()
+    assert (quick / QUICK / "pretrain-auto-switches.png").is_file() and "auto's switch steps" in report
+    assert "galore-torch's AdamW arithmetic (= galore-torch)" in report
     verdicts = _verdicts(quick / QUICK / "pretrain.md")
-    assert len(verdicts) == 8 and not any(v.startswith(("**pending", "**not planned")) for v in verdicts.values())
+    assert len(verdicts) == 9 and not any(v.startswith(("**pending", "**not planned")) for v in verdicts.values())
     stored = sorted((quick / QUICK / "pretrain-runs").iterdir())
     assert len(stored) == n
     for folder in stored:
@@ -233,7 +236,7 @@ def test_index_of_the_quick_reports(quick, monkeypatch):
     assert main(["reproduce", "index", "--quick"]) == 0
     text = (quick / QUICK / "README.md").read_text()
     assert index.BEGIN in text and "| [pretrain](pretrain.md) |" in text
-    assert text.count("](pretrain.md)") == 8
+    assert text.count("](pretrain.md)") == 9
 
 
 def test_max_runs_builds_the_study_over_invocations_and_an_interrupted_run_resumes(tmp_path, monkeypatch, capsys):
@@ -262,7 +265,7 @@ def test_max_runs_builds_the_study_over_invocations_and_an_interrupted_run_resum
     stored = QUICK / "pretrain-runs" / "adamw-lr0.001-s0"
     provenance = json.loads((stored / "provenance.json").read_text())
     assert [s["finished"] for s in provenance["segments"]] == [False, True]
-    methods = (_planned_quick() - 10) // 3
+    methods = (_planned_quick() - 14) // 3  # the grid and seed 1, without the 7 sub-study runs x 2 seeds
     assert f"Status: 1 of {2 * methods} runs stored" in (QUICK / "pretrain.md").read_text()
 
     # the resumed run equals the same run never interrupted
@@ -377,3 +380,13 @@ def test_a_run_that_finished_after_its_orchestrator_stopped_is_stored_not_run_ag
     assert (stored / "summary.json").read_text() == summary
     provenance = json.loads((stored / "provenance.json").read_text())
     assert [s["finished"] for s in provenance["segments"]] == [False, True]
+
+
+def test_switch_grid_places_each_weight_by_module_and_layer():
+    from subspace_optim.experiments.pretrain import switch_grid
+
+    modules, grid = switch_grid({"model.layers.1.self_attn.v_proj.weight": 50,
+                                 "model.layers.0.mlp.down_proj.weight": 100, "model.norm.weight": 3}, 2, 200)
+    assert modules[:7] == ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    assert grid[2][1] == 0.25 and grid[6][0] == 0.5
+    assert sum(x == x for row in grid for x in row) == 2  # the rest NaN: never switched

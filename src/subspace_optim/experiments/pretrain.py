@@ -19,6 +19,7 @@ import argparse
 import importlib.util
 import json
 import math
+import re
 import statistics
 from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
@@ -62,6 +63,7 @@ class Scale:
     batch_sweep: tuple[int, ...]  # batch sizes besides base's, at the same tokens (GaLore, GoLore, auto)
     ranks: tuple[int, ...]  # GaLore ranks besides base's
     state_bits: tuple[int, ...] = ()  # GoLore's quantized moments besides 32-bit
+    arithmetic: bool = False  # GaLore with galore-torch's moments (kept) and AdamW arithmetic, one at a time
     lr_ladder: tuple[float, ...] = ()  # rungs that widen a method's grid past a best lr at its edge (none: fixed)
     val_sequences: int | None = None  # validation sequences of every run (None: the whole split)
     fresh_process: bool = True  # False: toy runs in this process (a fresh Python spends seconds importing)
@@ -75,31 +77,42 @@ SCALES = {
                              seq_len=256, rank=64, update_gap=32, scale=0.25, eval_every=0, eval_batches=0,
                              save_every=128),
                  METHODS, lr_grid=(3e-4, 1e-3, 3e-3, 1e-2), seeds=(0, 1), batch_sweep=(2, 32), ranks=(32, 128),
-                 state_bits=(8, 4), lr_ladder=LR_LADDER),
+                 state_bits=(8, 4), arithmetic=True, lr_ladder=LR_LADDER),
     # GaLore's C4 recipe for LLaMA-60M (batch 512 = 128 x 4, 256 tokens, 10k steps, gap 200, bf16), for GPUs
     "paper": Scale("paper", dict(model="llama-60m", data="allenai/c4", steps=10_000, batch_size=128, grad_accum=4,
                                  seq_len=256, rank=128, update_gap=200, scale=0.25, dtype="bfloat16",
                                  eval_every=1000, save_every=1000),
                    METHODS, lr_grid=(1e-3, 3e-3, 1e-2), seeds=(0, 1), batch_sweep=(32, 512), ranks=(64, 256),
-                   state_bits=(8, 4), lr_ladder=LR_LADDER, val_sequences=10240),
+                   state_bits=(8, 4), arithmetic=True, lr_ladder=LR_LADDER, val_sequences=10240),
     # every method and sub-study, at toy size: llama-tiny (cheaper SVDs than llama-study), 200 articles, 4 steps
     "quick": Scale("quick", dict(model="llama-tiny", tokenizer="bpe:512", data=None, steps=4, batch_size=2,
                                  seq_len=32, rank=16, update_gap=2, scale=0.25, eval_every=2, save_every=2),
                    METHODS, lr_grid=(1e-3, 1e-2), seeds=(0, 1), batch_sweep=(4,), ranks=(8,), state_bits=(8,),
-                   val_sequences=4,
+                   arithmetic=True, val_sequences=4,
                    fresh_process=False, toy_documents=200),
 }
 SCALED_WITH_STEPS = ("steps", "update_gap", "save_every", "eval_every")  # kept per token in the batch sweep
 VAL_FRACTION = TASK_DEFAULTS["lm"]["val_fraction"]
 
 
+#: galore-torch's choices that our GaLore can take one at a time: its moments kept across refreshes (ours: projected)
+#: and then also its AdamW arithmetic (eps added to sqrt(v) before the bias correction, eps 1e-6, decay after).
+GALORE_TORCH_VARIANTS = ({"moments": "keep"}, {"moments": "keep", "arithmetic": "galore-torch"})
+
+
 def run_for(scale: Scale, method: str, lr: float, seed: int, *, batch: int | None = None,
-            rank: int | None = None, state_bits: int | None = None) -> Planned:
+            rank: int | None = None, state_bits: int | None = None, moments: str | None = None,
+            arithmetic: str | None = None) -> Planned:
     """The run of ``method`` at ``lr`` and ``seed``; ``batch``: the same tokens in batches of that size (steps,
     refresh gap, checkpoint and evaluation intervals scaled to keep their share of the run); ``rank``: GaLore's;
-    ``state_bits``: the moments quantized to that many bits."""
+    ``state_bits``: the moments quantized to that many bits; ``moments``: the refresh policy; ``arithmetic``:
+    AdamW's (``--adam-arithmetic``)."""
     flags = dict(scale.base, optimizer=method, lr=lr, seed=seed)
     tags = []
+    if moments is not None:
+        flags["moments"], tags = moments, tags + [moments]
+    if arithmetic is not None:
+        flags["adam_arithmetic"], tags = arithmetic, tags + [f"{arithmetic}-arith"]
     if method in ("adamw", "full"):
         flags.pop("rank", None)
     if rank is not None:
@@ -249,7 +262,8 @@ class Study:
                  if m in self.methods]
         rank = [("galore", {"rank": r}) for r in self.scale.ranks if "galore" in self.methods]
         bits = [("golore", {"state_bits": b}) for b in self.scale.state_bits if "golore" in self.methods]
-        return batch + rank + bits
+        arithmetic = [("galore", v) for v in GALORE_TORCH_VARIANTS if self.scale.arithmetic and "galore" in self.methods]
+        return batch + rank + bits + arithmetic
 
     def planned(self) -> tuple[list[Planned], list[str]]:
         """(runs whose settings are known, in order; what waits for a method's learning-rate grid)."""
@@ -335,7 +349,43 @@ def claims(study: Study) -> list[Claim]:
     pca = _pair(study, Claim("Online Subspace Descent matches or beats GaLore's perplexity (Liang et al. 2024)",
                              "OSD ≤ GaLore"), "online_pca", "galore", lambda a, b: not_worse(a, b, MATCH))
     rso = _rso_claim(study)
-    return [galore_adamw, golore20, pca, rso, _rank_claim(study), *_batch_claims(study), _bits_claim(study)]
+    return [galore_adamw, golore20, pca, rso, _rank_claim(study), *_batch_claims(study), _bits_claim(study),
+            _arithmetic_claim(study)]
+
+
+def _arithmetic_claim(study: Study) -> Claim:
+    """Which AdamW arithmetic wins for GaLore with galore-torch's kept moments: torch.optim's or galore-torch's."""
+    claim = Claim("galore-torch's AdamW arithmetic (eps added to sqrt(v) before the bias correction; ours: "
+                  "torch.optim's) does better for GaLore with kept moments (issue 11; no paper claims either)",
+                  "(a question, not a claim: the verdict says whether galore-torch's wins)")
+    if not study.scale.arithmetic:
+        return claim.unknown("not planned at this scale")
+    torch_arith, theirs = (study.at_best("galore", **v) for v in GALORE_TORCH_VARIANTS)
+    why = _pending(torch_arith, theirs)
+    if why:
+        return claim.unknown(why)
+    claim.verdict = better(theirs, torch_arith)
+    claim.numbers = (f"GaLore, moments kept: galore-torch's arithmetic {theirs} vs torch's {torch_arith} (ratio "
+                     f"{theirs.mean / torch_arith.mean:.3f})")
+    ours = study.at_best("galore")
+    if not isinstance(ours, str):
+        claim.numbers += f"; our default (moments projected, torch's arithmetic) {ours}"
+    same = _galore_torch_at(study, study.best_lr("galore"))
+    if same:
+        claim.numbers += (f"; galore-torch itself at the same lr and seed {study.tuning_seed}: {same[0]:.2f}, our "
+                          f"reproduction of it {same[1]:.2f}")
+    return claim
+
+
+def _galore_torch_at(study: Study, lr: float) -> tuple[float, float] | None:
+    """(galore-torch's, our galore-torch-arithmetic GaLore's) perplexity at ``lr`` and the tuning seed, if stored."""
+    if "galore-torch" not in study.methods:
+        return None
+    theirs = study.result(run_for(study.scale, "galore-torch", lr, study.tuning_seed))
+    ours = study.result(run_for(study.scale, "galore", lr, study.tuning_seed, **GALORE_TORCH_VARIANTS[1]))
+    if theirs is None or ours is None:
+        return None
+    return theirs.summary["final_val_ppl"], ours.summary["final_val_ppl"]
 
 
 def _bits_claim(study: Study) -> Claim:
@@ -477,6 +527,58 @@ def _figure(report: Report, suffix: str, panels: list[tuple[str, list[tuple[str,
         ax.legend(fontsize=8)
     fig.tight_layout()
     path = report.figure(suffix)
+    fig.savefig(path)
+    return path
+
+
+#: LLaMA's projected linear layers, in the order of a block; other names found in switch_steps go after them.
+BLOCK_LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+_LAYER_WEIGHT = re.compile(r"layers\.(\d+)\..*?([A-Za-z0-9_]+)\.weight$")
+
+
+def switch_grid(switch_steps: dict[str, int], layers: int, steps: int) -> tuple[list[str], list[list[float]]]:
+    """(module names, a module x layer grid of each weight's switch step as a share of the run; NaN: never).
+    ``switch_steps`` is a run's summary entry: {parameter name: step}, the weights that switched."""
+    found = {}
+    for name, step in switch_steps.items():
+        match = _LAYER_WEIGHT.search(name)
+        if match:
+            found[match.group(2), int(match.group(1))] = step / steps
+    modules = [m for m in BLOCK_LINEARS] + sorted({m for m, _ in found} - set(BLOCK_LINEARS))
+    layers = max([layers, *(i + 1 for _, i in found)])
+    return modules, [[found.get((m, i), math.nan) for i in range(layers)] for m in modules]
+
+
+def _switch_figure(report: Report, study: Study) -> Path | None:
+    """auto's switch step per weight (module x layer), one panel per batch size, at auto's best lr and the tuning
+    seed: which weights' SVD subspaces fell behind a random one, and when."""
+    lr, s = study.best_lr("auto") if "auto" in study.methods else None, study.scale
+    if lr is None:
+        return None
+    from ..train.models import LLAMA_SIZES
+
+    layers = LLAMA_SIZES.get(s.base["model"], (0, 0, 0, 0))[2]
+    panels = []
+    for b in sorted({s.base["batch_size"], *s.batch_sweep}):
+        variant = {} if b == s.base["batch_size"] else {"batch": b}
+        found = study.result(run_for(s, "auto", lr, study.tuning_seed, **variant))
+        if found is not None:
+            panels.append((b, found.summary))
+    if not panels:
+        return None
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(4.2 * len(panels) + 1.2, 3.8), dpi=110)
+    axes = fig.subplots(1, len(panels), squeeze=False)[0]
+    image = None
+    for ax, (b, summary) in zip(axes, panels):
+        modules, grid = switch_grid(summary.get("switch_steps") or {}, layers, summary["steps"])
+        image = ax.imshow(grid, vmin=0, vmax=1, cmap="viridis", aspect="auto")
+        switched = sum(not math.isnan(x) for row in grid for x in row)
+        ax.set(title=f"batch {b}: {switched} of {len(modules) * len(grid[0])} switched", xlabel="layer",
+               xticks=range(len(grid[0])), yticks=range(len(modules)), yticklabels=modules)
+    fig.colorbar(image, ax=list(axes), label="switch step / run length (blank: never)")
+    path = report.figure("auto-switches")
     fig.savefig(path)
     return path
 
@@ -637,6 +739,7 @@ def write(study: Study, report: Report, runs: list[Planned], waiting: list[str])
                   for m in ("galore", "golore", "auto") if m in study.methods and study.best_lr(m) is not None]
         panels.append((f"batch {b}", [(m, c) for m, c in curves if c]))
     batch_fig = _figure(report, "batch", panels)
+    switch_fig = _switch_figure(report, study)
     results = claims(study)
     base_rank = s.base.get("rank")
     sections = [
@@ -671,8 +774,15 @@ twice, so each is an estimate of the held-out loss.
         "## Quantized moments (GoLore at its best lr)\n\n" + _variant_table(study, [
             (f"golore {b}-bit", "golore", {} if b == 32 else {"state_bits": b})
             for b in (32, *s.state_bits)]) if "golore" in study.methods and s.state_bits else "",
+        "## GaLore with galore-torch's choices (at GaLore's best lr)\n\n" + _variant_table(study, [
+            ("galore (ours: moments projected, torch.optim's AdamW)", "galore", {}),
+            ("galore, moments kept (galore-torch's)", "galore", GALORE_TORCH_VARIANTS[0]),
+            ("galore, moments kept, galore-torch's AdamW arithmetic (= galore-torch)", "galore",
+             GALORE_TORCH_VARIANTS[1])]) if "galore" in study.methods and s.arithmetic else "",
         "## Batch size at equal tokens (each method at its best lr from the grid)\n\n"
         + (f"![batch sweep]({batch_fig.name})\n\n" if batch_fig else "")
+        + (f"auto's switches, per weight (its best lr, seed {study.tuning_seed}):\n\n![auto's switch steps]"
+           f"({switch_fig.name})\n\n" if switch_fig else "")
         + _variant_table(study, [(f"{m} batch {b}", m, {} if b == s.base["batch_size"] else {"batch": b})
                                  for b in sizes for m in ("galore", "golore", "auto") if m in study.methods]),
         "## The papers' numbers (GaLore Table 2, C4, validation perplexity)\n\n" + table(

@@ -140,7 +140,8 @@ OPTIMIZERS: dict[str, Method] = {
     "golore": Method("projector golore: a uniformly random orthonormal basis", _projector("golore")),
     "golore@X": Method("projector hybrid: GaLore, then GoLore for the last X% of --steps", _golore_at),
     "online_pca": Method("Online Subspace Descent: the basis is trained every step", _projector("online_pca")),
-    "auto": Method("GaLore per weight until its subspace holds mostly noise, then GoLore", _projector("auto")),
+    "auto": Method("GaLore per weight until its SVD subspace captures measurably less than a random one, then "
+                   "GoLore", _projector("auto")),
     "rso": Method("RSO layers: targeted linear layers train B in W + B P (B at --lr x --scale), merged every "
                   "--update-gap steps", _rso, layerwise=False, side=False, moments=("reset", "project"),
                   default_moments="reset", flags=("rso_eta",)),
