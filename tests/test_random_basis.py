@@ -18,7 +18,10 @@ from torch.distributed.checkpoint.state_dict import (
 import subspace_optim as so
 from subspace_optim.memory import state_tensors, tensor_bytes
 
-RANK, GAP, STEPS = 16, 3, 11  # refreshes at 0, 3, 6, 9: hybrid switches at 6, so 9 transports a random basis
+RANK, GAP, STEPS = 16, 3, 11  # refreshes at 0, 3, 6, 9 (each after the first transports the moments)
+#: the step at which each projector's bases turn random (auto: at its first refresh with an SNR, its threshold
+#: being above any SNR), so that a later refresh transports the moments out of a regenerated random basis
+SWITCH = {"golore": 0, "hybrid": 6, "auto": 3}
 #: 8-bit moments where torchao is importable (as tests/test_lowbit.py skips them)
 BITS = (32, 8) if importlib.util.find_spec("torchao") is not None else (32,)
 
@@ -49,7 +52,7 @@ class Net(nn.Module):
 
 def make(net, projector, random_basis, **kwargs):
     kwargs = {"lr": 1e-2, "update_gap": GAP, "moments": "project", "total_steps": 12, "random_fraction": 0.5,
-              **kwargs}
+              "auto_threshold": 2.0, **kwargs}
     return so.SubspaceAdamW(net.groups(), projector=projector, random_basis=random_basis, **kwargs)
 
 
@@ -83,7 +86,7 @@ def test_a_bad_value_gets_a_value_error_naming_the_choices():
 
 @pytest.mark.parametrize("bits", BITS)
 @pytest.mark.parametrize("layerwise", [False, True], ids=["standard", "layerwise"])
-@pytest.mark.parametrize("projector", ["golore", "hybrid"])
+@pytest.mark.parametrize("projector", SWITCH)
 def test_the_trajectory_and_the_checkpoints_are_those_of_keep(projector, layerwise, bits):
     """Every step's weights, and the state dicts, bitwise; between steps no random basis is held (state_bytes)."""
     nets = Net(), Net()
@@ -95,21 +98,21 @@ def test_the_trajectory_and_the_checkpoints_are_those_of_keep(projector, layerwi
         for a, b in zip(*(n.parameters() for n in nets)):
             assert torch.equal(a, b), step
         random = [(a, b) for a, b in zip(*(n.parameters() for n in nets)) if keep.state[a].get("random_basis")]
-        assert len(random) == (3 if projector == "golore" or step >= 6 else 0)  # hybrid switches at 6
+        assert len(random) == (3 if step >= SWITCH[projector] else 0)
         assert all("basis" not in regen.state[b] for _, b in random)
         assert regen.state_bytes() == keep.state_bytes() - tensor_bytes(keep.state[a]["basis"] for a, _ in random)
         if step in (4, STEPS - 1):  # a mid-gap checkpoint, and the last (just after a random refresh)
             for i, saved in keep.state_dict()["state"].items():
                 assert_same_state(saved, regen.state_dict()["state"][i])
-    if projector == "hybrid":
-        assert regen.switch_steps() == keep.switch_steps() == {1: 6, 2: 6, 3: 6}
+    if projector != "golore":
+        assert regen.switch_steps() == keep.switch_steps() == dict.fromkeys((1, 2, 3), SWITCH[projector])
 
 
 @pytest.mark.parametrize("bits", BITS)
 @pytest.mark.parametrize("layerwise", [False, True], ids=["standard", "layerwise"])
-@pytest.mark.parametrize("projector", ["golore", "hybrid"])
+@pytest.mark.parametrize("projector", SWITCH)
 def test_save_weights_only_load_continue_is_bitwise(projector, layerwise, bits):
-    """Saved mid-gap after hybrid's switch, resumed across a refresh that transports the moments by T = P_newᵀ P_old
+    """Saved mid-gap after the switch, resumed across a refresh that transports the moments by T = P_newᵀ P_old
     (P_old regenerated): equal to an uninterrupted run with random_basis="keep"."""
     reference = Net()
     run(reference, make(reference, projector, "keep", layerwise=layerwise, state_bits=bits), 0, STEPS)
@@ -124,7 +127,7 @@ def test_save_weights_only_load_continue_is_bitwise(projector, layerwise, bits):
     net2.load_state_dict(saved["model"])
     opt2 = make(net2, projector, "regenerate", layerwise=layerwise, state_bits=bits)
     opt2.load_state_dict(saved["opt"])
-    assert basis_bytes(opt2) == 0  # a loaded random basis (hybrid saves it) is not held either
+    assert basis_bytes(opt2) == 0  # a loaded random basis (hybrid and auto save it) is not held either
     run(net2, opt2, 7, STEPS - 7)
     for a, b in zip(reference.parameters(), net2.parameters()):
         assert torch.equal(a, b)

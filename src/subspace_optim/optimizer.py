@@ -129,7 +129,7 @@ class _Guard:
 
     def __init__(self, found: Tensor, works: list[_Work]):
         self.found = found
-        self.switches: list = []  # (state, auto's device flag, the step it would record)
+        self.switches: list = []  # (state, its group, auto's device flag, the step it would record)
         self.saved = []
         for w in works:
             tensors = {path: t.detach().clone() for path, t in _tensors(w.state)}
@@ -241,13 +241,13 @@ class SubspaceOptimizer(Optimizer):
         switch) is held between steps. "regenerate" deletes it after its weight's update and draws it again from
         its key (seed, parameter index, refresh count) when next needed, for the projection or, at a refresh,
         for the transport T = P_newᵀ P_old: the same bits, so the trajectory and the checkpoints are those of
-        "keep". The cost is one QR of a d x r Gaussian per weight per step, O(d r²): at LLaMA-7B's shapes
-        (r = 1024, d = 4096) about 10% of the two projections' 4·r·m·n flops. The Gaussian is drawn on the CPU
-        generator (so every device draws the same basis) and copied to the device: on a GPU that is also a
-        host-to-device copy of d x r float32 per weight per step. It saves the bases between steps (1.9 GB at
-        7B, r = 1024, bf16); at its peak layer-wise mode then holds one basis at a time, standard mode all of
-        them, but only inside step() (each is drawn before any weight is updated). With accumulation_steps > 1
-        a weight's basis is held from its first micro-batch to its update.
+        "keep". The cost is one QR of a d x r Gaussian per weight per step, O(d r²) (about 4dr² flops with Q
+        formed): at LLaMA-7B's shapes (r = 1024, d = 4096) 13% of the two projections' 4·r·m·n flops. The
+        Gaussian is drawn on the CPU generator (so every device draws the same basis) and copied to the device:
+        on a GPU that is a host-side draw and a host-to-device copy of d x r float32 per weight per step. It
+        saves the bases between steps (1.9 GB at 7B, r = 1024, bf16); at the peak, layer-wise mode holds one
+        basis at a time (with accumulation_steps > 1, from a weight's first micro-batch to its update), standard
+        mode all of them, but only inside step(), which draws each before it updates any weight.
       layerwise: update each parameter from its post-accumulate-grad hook during backward and free its
         gradient at once; with ``accumulation_steps = k`` the *projected* gradient is accumulated over k
         micro-batches (full gradients are kept only when a data-dependent refresh needs them). Outside
@@ -616,7 +616,7 @@ class SubspaceOptimizer(Optimizer):
             if w.projected:
                 w.mask = found
             if w.refresh is not None and isinstance(w.refresh[1], Tensor):  # auto: its switch is read at step()
-                guard.switches.append((w.state, w.refresh[1], w.state["proj_step"]))
+                guard.switches.append((w.state, w.group, w.refresh[1], w.state["proj_step"]))
                 w.refresh = (w.refresh[0], False)
         by_group: dict[int, list[_Work]] = {}
         for w in works:
@@ -633,15 +633,17 @@ class SubspaceOptimizer(Optimizer):
         if not guards:
             return True
         switches = [entry for g in guards for entry in g.switches]
-        flags = _read(torch.cat([g.found for g in guards] + [r.reshape(1).to(guards[0].found) for _, r, _ in switches]))
+        flags = _read(torch.cat([g.found for g in guards]
+                                + [r.reshape(1).to(guards[0].found) for _, _, r, _ in switches]))
         skipped = [g for g, flag in zip(guards, flags) if flag]
         for guard in skipped:
             guard.undo_host()
         undone = {id(state) for g in skipped for state, *_ in g.saved}
-        for (state, _, at), random in zip(switches, flags[len(guards):]):
+        for (state, group, _, at), random in zip(switches, flags[len(guards):]):
             if random and id(state) not in undone:  # what Switching.commit records, known only now
                 state["random_basis"] = True
                 state["switched_at"] = at
+                self._release(state, group)
         if skipped and self.nonfinite == "raise":
             which = sorted({self._index[p] for g in skipped for _, _, p, _ in g.saved})
             raise FloatingPointError(f"non-finite gradient in parameter(s) #{which} (their updates were undone)")
@@ -990,15 +992,17 @@ def _drop_regenerable_bases(optimizer: Optimizer, state_dict: dict) -> dict:
     packed = state_dict["state"]
     always_random = {i for g in state_dict["param_groups"] if PROJECTORS.get(g.get("projector")) is not None
                      and PROJECTORS[g["projector"]].random for i in g["params"]}
-    params = [p for g in optimizer.param_groups for p in g["params"]]  # state_dict's indices, in this order
+    placed = [(p, g) for g in optimizer.param_groups for p in g["params"]]  # state_dict's indices, in this order
     for k, s in list(packed.items()):
         if not isinstance(s, dict):  # a user's hook may add other entries
             continue
         if k in always_random and "basis" in s:
             packed[k] = {kk: v for kk, v in s.items() if kk != "basis"}
         elif k not in always_random and "basis" not in s and s.get("random_basis"):
-            p = params[k]
-            packed[k] = {**s, "basis": optimizer._basis(p, dict(s), optimizer._group_of[p])}
+            p, group = placed[k]
+            if p not in optimizer._index:
+                optimizer._reindex()  # the groups hold other parameters now (accelerate's FSDP2 swap)
+            packed[k] = {**s, "basis": optimizer._basis(p, dict(s), group)}
     return state_dict
 
 
