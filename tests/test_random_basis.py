@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import copy
-import io
+import gc
 import importlib.util
+import io
+import weakref
 
 import pytest
 import torch
@@ -40,10 +42,11 @@ class Net(nn.Module):
     def groups(self):
         return [{"params": [self.bias]}, {"params": [self.left, self.right, self.odd], "rank": RANK}]
 
-    def loss(self, step):
-        """sum ||W - W*||² / 2 + <noise, W>: gradient W - W* + noise, through autograd (layer-wise hooks fire)."""
+    def loss(self, step, nan=False):
+        """sum ||W - W*||² / 2 + <noise, W>: gradient W - W* + noise, through autograd (layer-wise hooks fire);
+        ``nan``: the left weight's gradient is NaN."""
         gen = torch.Generator().manual_seed(step)
-        total = 0.0
+        total = self.left.sum() * float("nan") if nan else 0.0
         for i, p in enumerate(self.parameters()):
             target = torch.randn(p.shape, generator=torch.Generator().manual_seed(100 + i))
             total = total + (p - target).square().sum() / 2 + (0.1 * torch.randn(p.shape, generator=gen) * p).sum()
@@ -106,6 +109,62 @@ def test_the_trajectory_and_the_checkpoints_are_those_of_keep(projector, layerwi
                 assert_same_state(saved, regen.state_dict()["state"][i])
     if projector != "golore":
         assert regen.switch_steps() == keep.switch_steps() == dict.fromkeys((1, 2, 3), SWITCH[projector])
+
+
+@pytest.mark.parametrize("projector", SWITCH)
+def test_layerwise_mode_holds_one_basis_at_a_time(projector, monkeypatch):
+    """Nothing keeps a drawn basis alive after its weight's update in backward: not the state, not the guard that
+    can undo the update until step() reads its gradient's finiteness (it is drawn again instead)."""
+    net = Net()
+    opt = make(net, projector, "regenerate", layerwise=True)
+    drawn, draw = [], opt._random_basis
+
+    def tracked(*args):
+        basis = draw(*args)
+        drawn.append(weakref.ref(basis))
+        return basis
+
+    monkeypatch.setattr(opt, "_random_basis", tracked)
+    for step in range(STEPS):
+        drawn.clear()
+        net.loss(step).backward()  # every update happens here; step() only reads the flags
+        gc.collect()
+        assert all(ref() is None for ref in drawn), step
+        if step != SWITCH[projector]:  # (auto's switch draws its basis in settle, and it is known only at step())
+            assert (len(drawn) > 0) == (step > SWITCH[projector]), step
+        opt.step()
+
+
+@pytest.mark.parametrize("layerwise", [False, True], ids=["standard", "layerwise"])
+@pytest.mark.parametrize("projector", SWITCH)
+def test_skipped_steps_are_those_of_keep(projector, layerwise):
+    """A NaN gradient at a refresh (hybrid's switch among them) and mid-gap: the undone updates leave a basis to
+    be drawn again from the restored refresh count."""
+    nets = Net(), Net()
+    opts = [make(n, projector, mode, layerwise=layerwise) for n, mode in zip(nets, ("keep", "regenerate"))]
+    for step in range(STEPS):
+        for net, opt in zip(nets, opts):
+            opt.zero_grad()
+            net.loss(step, nan=step in (4, 6)).backward()
+            opt.step()
+        assert all(torch.equal(a, b) for a, b in zip(*(n.parameters() for n in nets))), step
+    assert opts[0].skipped_steps == opts[1].skipped_steps == 2
+    assert opts[0].switch_steps() == opts[1].switch_steps()
+
+
+@pytest.mark.parametrize("projector", SWITCH)
+def test_layerwise_accumulation_is_that_of_keep(projector):
+    """accumulation_steps=2: the basis is drawn at a weight's first micro-batch and dropped after its update."""
+    nets = Net(), Net()
+    opts = [make(n, projector, mode, layerwise=True, accumulation_steps=2) for n, mode in zip(nets, ("keep",
+                                                                                                   "regenerate"))]
+    for step in range(STEPS):
+        for net, opt in zip(nets, opts):
+            for micro in range(2):
+                (net.loss(10 * step + micro) / 2).backward()
+            opt.step()
+        assert all(torch.equal(a, b) for a, b in zip(*(n.parameters() for n in nets))), step
+    assert basis_bytes(opts[1]) == 0 < basis_bytes(opts[0])
 
 
 @pytest.mark.parametrize("bits", BITS)

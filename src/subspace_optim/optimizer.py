@@ -125,16 +125,21 @@ def _lookup(state: dict, path: tuple):
 class _Guard:
     """One layer-wise update taken before its gradient is known to be finite (see ``_update_guarded``): what it
     may change, as it was. Tensors are copied only for the update (one parameter's state, and a dense weight), the
-    host values (counters, flags) and the keys until ``step()``."""
+    host values (counters, flags) and the keys until ``step()``. A basis that random_basis="regenerate" draws again
+    is neither copied nor kept: an undone update leaves it to be drawn from the restored refresh count."""
 
     def __init__(self, found: Tensor, works: list[_Work]):
         self.found = found
         self.switches: list = []  # (state, its group, auto's device flag, the step it would record)
         self.saved = []
         for w in works:
-            tensors = {path: t.detach().clone() for path, t in _tensors(w.state)}
+            drawn = _regenerable(w.state, w.group)
+            tensors = {path: t.detach().clone() for path, t in _tensors(w.state) if not (drawn and path == ("basis",))}
+            host = _host_copy(w.state)
+            if drawn:
+                host.pop("basis", None)
             weight = None if w.projected else local(w.param).detach().clone()
-            self.saved.append((w.state, _host_copy(w.state), w.param, (tensors, weight)))
+            self.saved.append((w.state, host, w.param, (tensors, weight)))
 
     def put_back_tensors(self) -> None:
         """Where the gradient was not finite, every changed tensor takes its old value again (on the device)."""
@@ -156,6 +161,12 @@ class _Guard:
 def _host_copy(state: dict) -> dict:
     """The state's keys and host values; tensors by reference (their values are put back on the device)."""
     return {k: _host_copy(v) if isinstance(v, dict) else v for k, v in state.items()}
+
+
+def _regenerable(state: dict, group: dict) -> bool:
+    """Whether the current basis is random and random_basis="regenerate" draws it again when needed."""
+    flag = state.get("random_basis")  # a bool once committed (auto's switch is read at step())
+    return group.get("random_basis") == "regenerate" and not isinstance(flag, Tensor) and bool(flag)
 
 
 def _restore_host(state: dict, saved: dict) -> None:
@@ -478,8 +489,7 @@ class SubspaceOptimizer(Optimizer):
     def _release(state: dict, group: dict) -> None:
         """random_basis="regenerate": a random basis is not held once its weight is updated (``_basis`` draws it
         again from its key)."""
-        flag = state.get("random_basis")
-        if group["random_basis"] == "regenerate" and not isinstance(flag, Tensor) and flag:
+        if _regenerable(state, group):
             state.pop("basis", None)
 
     def _install(self, p: Tensor, state: dict, group: dict, basis: Tensor, random: bool) -> None:
