@@ -111,12 +111,14 @@ def test_the_trajectory_and_the_checkpoints_are_those_of_keep(projector, layerwi
         assert regen.switch_steps() == keep.switch_steps() == dict.fromkeys((1, 2, 3), SWITCH[projector])
 
 
+@pytest.mark.parametrize("layerwise", [False, True], ids=["standard", "layerwise"])
 @pytest.mark.parametrize("projector", SWITCH)
-def test_layerwise_mode_holds_one_basis_at_a_time(projector, monkeypatch):
-    """Nothing keeps a drawn basis alive after its weight's update in backward: not the state, not the guard that
-    can undo the update until step() reads its gradient's finiteness (it is drawn again instead)."""
+def test_no_drawn_basis_outlives_its_update(projector, layerwise, monkeypatch):
+    """Layer-wise, nothing keeps a drawn basis alive after its weight's update in backward: not the state, not the
+    guard that can undo the update until step() reads its gradient's finiteness (it is drawn again instead).
+    In standard mode, none outlives step()."""
     net = Net()
-    opt = make(net, projector, "regenerate", layerwise=True)
+    opt = make(net, projector, "regenerate", layerwise=layerwise)
     drawn, draw = [], opt._random_basis
 
     def tracked(*args):
@@ -127,12 +129,16 @@ def test_layerwise_mode_holds_one_basis_at_a_time(projector, monkeypatch):
     monkeypatch.setattr(opt, "_random_basis", tracked)
     for step in range(STEPS):
         drawn.clear()
-        net.loss(step).backward()  # every update happens here; step() only reads the flags
+        opt.zero_grad()
+        net.loss(step).backward()  # layer-wise, every update happens here; step() only reads the flags
+        if not layerwise:
+            opt.step()
         gc.collect()
         assert all(ref() is None for ref in drawn), step
         if step != SWITCH[projector]:  # (auto's switch draws its basis in settle, and it is known only at step())
             assert (len(drawn) > 0) == (step > SWITCH[projector]), step
-        opt.step()
+        if layerwise:
+            opt.step()
 
 
 @pytest.mark.parametrize("layerwise", [False, True], ids=["standard", "layerwise"])
