@@ -162,8 +162,8 @@ def test_skipped_steps_are_those_of_keep(projector, layerwise):
 def test_layerwise_accumulation_is_that_of_keep(projector):
     """accumulation_steps=2: the basis is drawn at a weight's first micro-batch and dropped after its update."""
     nets = Net(), Net()
-    opts = [make(n, projector, mode, layerwise=True, accumulation_steps=2) for n, mode in zip(nets, ("keep",
-                                                                                                   "regenerate"))]
+    opts = [make(n, projector, mode, layerwise=True, accumulation_steps=2)
+            for n, mode in zip(nets, ("keep", "regenerate"))]
     for step in range(STEPS):
         for net, opt in zip(nets, opts):
             for micro in range(2):
