@@ -126,6 +126,17 @@ def case_equivalence(base, wrap: str, rule: str, projector: str, **extra) -> flo
     return max_error(model, ref)
 
 
+def case_regenerate(base, projector: str, layerwise: bool) -> float:
+    """random_basis="regenerate" under FSDP2 against "keep" under FSDP2: 0.0 (bitwise)."""
+    models = []
+    for mode in ("keep", "regenerate"):
+        model = shard(copy.deepcopy(base))
+        opt = make_optimizer("adamw", model, layerwise=layerwise, random_basis=mode, **settings(projector))
+        train(model, opt, STEPS, per_rank=True)
+        models.append(model)
+    return max_error(*models)
+
+
 def case_layerwise(base, rule: str, projector: str, micro: int) -> float:
     """Layer-wise updates under FSDP2 (hooks fire on the reduced shard) against standard single-process steps."""
     ref = reference(base, rule, micro=micro, **settings(projector))
@@ -189,6 +200,12 @@ def main(out: str, folder: str) -> None:
                             ("adamw", "online_pca")):
         sub = Path(folder) / f"{rule}-{projector}"
         results[f"dcp/{rule}/{projector}"] = case_checkpoint(base, rule, projector, sub)
+    for projector in ("golore", "hybrid"):  # random bases regenerated: the same bits, and DCP's template fits
+        for layerwise in (False, True):
+            name = f"fsdp2{'-layerwise' if layerwise else ''}-regenerate/adamw/{projector}"
+            results[name] = case_regenerate(base, projector, layerwise)
+        results[f"dcp-regenerate/adamw/{projector}"] = case_checkpoint(
+            base, "adamw", projector, Path(folder) / f"regenerate-{projector}", random_basis="regenerate")
     # Low-precision moments. bf16 rounds each number alone: the sharded run matches one process as fp32 does. The
     # worker's tensors are far below the 4096-number threshold, so 8-bit quantizes here every local moment of a
     # whole number of 3-number blocks: a right projection's column shard (r x D_i) groups its numbers into other

@@ -92,6 +92,19 @@ def test_resume_falls_back_past_a_damaged_checkpoint(run_dir, tmp_path, capsys, 
     assert [p.name for p in sorted((copy / "checkpoints").iterdir())] == [STEP2, "step_00000003"]
 
 
+def test_regenerated_random_bases_resume_to_the_same_weights(tmp, three_steps):
+    """--random-basis regenerate: a 2-step run resumed from its step-1 checkpoint (its schedule is the 3-step one's
+    there) ends at step 3 exactly where the uninterrupted run that keeps its bases ends; the setting is in
+    config.json, and a resume keeps it."""
+    out = tmp / "regenerate"
+    _train(tmp, out, 2, "--random-basis", "regenerate")
+    assert json.loads((out / "config.json").read_text())["random_basis"] == "regenerate"
+    shutil.rmtree(out / "checkpoints" / STEP2)
+    assert main(["train", "--resume", str(out), "--steps", "3", "--quiet"]) == 0
+    resumed = load_file(out / "checkpoints" / "step_00000003" / "model.safetensors")
+    assert resumed.keys() == three_steps.keys() and all(torch.equal(resumed[k], three_steps[k]) for k in resumed)
+
+
 def resume_error(copy, capsys):
     assert main(["train", "--resume", str(copy), "--steps", "3", "--quiet"]) == 2
     err = capsys.readouterr().err

@@ -50,6 +50,7 @@ def tiny_text(tmp_path):
     (["--optimizer", "rso", "--layerwise"], "--layerwise: --optimizer rso cannot update weights inside backward"),
     (["--optimizer", "full", "--moments", "keep"], "--moments keep: --optimizer full has no subspace moments"),
     (["--optimizer", "golore", "--rso-eta", "1"], "--rso-eta needs --optimizer rso, not golore"),
+    (["--optimizer", "galore", "--random-basis", "regenerate"], "--optimizer galore has no random bases"),
     (["--optimizer", "galore", "--layerwise", "--clip", "1.0"], "--clip cannot be used with --layerwise"),
     (["--optimizer", "adamw", "--rule", "lion"], "use --optimizer full"),
     (["--optimizer", "galore", "--target", "nothing_matches"], "selects no nn.Linear"),

@@ -74,6 +74,21 @@ def test_dcp_resume_at_two_processes_is_bitwise(run, case):
     assert result["bitwise"], f"resumed run differs by {result['error']:.3g}"
 
 
+@pytest.mark.parametrize("case", [f"fsdp2{mode}-regenerate/adamw/{p}" for mode in ("", "-layerwise")
+                                  for p in ("golore", "hybrid")])
+def test_regenerated_random_bases_take_the_same_steps_under_fsdp2(run, case):
+    """random_basis="regenerate" at 2 processes: bitwise the weights of "keep" at 2 processes."""
+    results, _ = run
+    assert results[case] == 0.0, f"{case}: max weight difference {results[case]:.3g}"
+
+
+@pytest.mark.parametrize("projector", ["golore", "hybrid"])
+def test_dcp_resume_with_regenerated_random_bases_is_bitwise(run, projector):
+    results, _ = run
+    result = results[f"dcp-regenerate/adamw/{projector}"]
+    assert result["bitwise"] and result["template_untouched"], result
+
+
 @pytest.mark.parametrize("case", ["fsdp2-bits16/adamw/galore", "fsdp2-bits16/adamw/golore"])
 def test_bf16_moments_two_processes_take_the_steps_of_one(run, case):
     results, _ = run

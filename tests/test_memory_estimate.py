@@ -123,6 +123,44 @@ def test_the_state_estimate_equals_the_measured_state_bytes_of_llama_tiny(llama_
     assert opt.state_bytes() == est["optimizer_state"] + est["counters"] + est["projection"]
 
 
+@pytest.mark.parametrize("state_bits", [32, 8])
+@pytest.mark.parametrize("layerwise", [False, True], ids=["standard", "layerwise"])
+def test_the_regenerated_bases_estimate_equals_the_measured_peak_state_of_llama_tiny(llama_tiny, layerwise,
+                                                                                     state_bits):
+    """--random-basis regenerate: the state held at each weight's write-back (its peak) during a second step,
+    byte for byte: every basis in standard mode (step() draws them all first), the largest one layer-wise (during
+    backward); between steps none."""
+    import copy
+
+    import torch
+
+    if state_bits == 8:
+        pytest.importorskip("torchao.optim")
+    from subspace_optim.train.config import TrainConfig, resolve
+    from subspace_optim.train.optimizers import build_optimizer
+
+    model = copy.deepcopy(llama_tiny)
+    opt = build_optimizer(resolve(TrainConfig(optimizer="golore", state_bits=state_bits, update_gap=10,
+                                              layerwise=layerwise, random_basis="regenerate")), model).optimizer
+    held, write_back = [], opt._apply_back
+    opt._apply_back = lambda *args: (held.append(opt.state_bytes()), write_back(*args))
+    params = [p for p in model.parameters() if p.requires_grad]
+    for _ in range(2):  # the second step: every moment exists from the start
+        held.clear()
+        opt.zero_grad()
+        sum((p * (torch.randn_like(p) * 1e-3)).sum() for p in params).backward()  # gradient: the noise
+        opt.step()
+    est = estimate("llama-tiny", "golore", dtype="fp32", state_bits=state_bits, layerwise=layerwise,
+                   random_basis="regenerate")
+    assert max(held) == est["optimizer_state"] + est["counters"] + est["projection"]
+    assert opt.state_bytes() == est["optimizer_state"] + est["counters"]
+    rest = sum(est[k] for k in ("weights", "gradients", "optimizer_state", "counters"))
+    if layerwise:  # the basis in use is held during backward, with the activations
+        assert est["total"] == rest + est["projection"] + est["activations"] and not est["bases_apart"]
+    else:
+        assert est["total"] == rest + max(est["projection"], est["activations"]) and est["bases_apart"]
+
+
 def test_llama_7b_with_8_bit_moments(capsys):
     """The quantized state of GoLore's LLaMA-7B recipe: 1 byte per moment number, a 4-byte scale per 256 and a
     1 KiB table per tensor, against 2 bytes in bf16."""
@@ -137,6 +175,17 @@ def test_llama_7b_with_8_bit_moments(capsys):
                  "--dtype", "bf16", "--activations", "checkpoint", "--state-bits", "8"]) == 0
     out = capsys.readouterr().out
     assert "8-bit moments" in out and f"{int8['total'] / GB:10.2f} GB" in out
+    # random bases regenerated: one basis (4096 x 1024) held at a time instead of all 224
+    regen = estimate("llama-7b", "golore", state_bits=8, random_basis="regenerate", **args)
+    assert regen["projection"] == 2 * 4096 * 1024 and int8["projection"] == 224 * regen["projection"]
+    assert regen["total"] == int8["total"] - int8["projection"] + regen["projection"] and regen["total"] <= 20 * GB
+    assert main(["memory", "--model", "llama-7b", "--optimizer", "golore", "--rank", "1024", "--layerwise",
+                 "--dtype", "bf16", "--activations", "checkpoint", "--state-bits", "8", "--random-basis",
+                 "regenerate"]) == 0
+    out = capsys.readouterr().out
+    assert "random bases: regenerate" in out and f"{regen['total'] / GB:10.2f} GB" in out
+    assert main(["memory", "--optimizer", "galore", "--random-basis", "regenerate"]) == 2
+    assert "only golore's bases are random" in capsys.readouterr().err
     with pytest.raises(SystemExit, match="2"):  # argparse names the choices
         main(["memory", "--state-bits", "12"])
     assert "choose from 32, 16, 8, 4" in capsys.readouterr().err

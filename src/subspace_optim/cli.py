@@ -171,7 +171,7 @@ def _reproduce(args: argparse.Namespace) -> int:
 
 
 def _add_memory(parser: argparse.ArgumentParser) -> None:
-    from .memory_estimate import ACTIVATION_MODELS, ESTIMATE_OPTIMIZERS, estimate_models
+    from .memory_estimate import ACTIVATION_MODELS, ESTIMATE_OPTIMIZERS, RANDOM_BASES, estimate_models
 
     parser.add_argument("--model", default="llama-7b", help="named model: " + ", ".join(estimate_models())
                         + " (default: llama-7b)")
@@ -191,6 +191,9 @@ def _add_memory(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--state-bits", type=int, default=32, choices=(32, 16, 8, 4), help="how the moments are "
                         "stored: 32 (in --dtype), 16 (bfloat16), 8 or 4 (block-wise quantized: a code per number, "
                         "a float32 scale per block, a table per tensor) (default: 32)")
+    parser.add_argument("--random-basis", default="keep", choices=RANDOM_BASES, help="golore: keep every random "
+                        "basis between steps, or regenerate each from its seed when needed (layer-wise: one held at "
+                        "a time; standard: all, inside step() only) (default: keep)")
 
 
 def _memory(args: argparse.Namespace) -> int:
@@ -202,7 +205,7 @@ def _memory(args: argparse.Namespace) -> int:
     try:
         est = estimate(args.model, args.optimizer, rank=args.rank, batch=args.batch, seq=args.seq,
                        dtype=args.dtype, layerwise=args.layerwise, activations=args.activations,
-                       state_bits=args.state_bits)
+                       state_bits=args.state_bits, random_basis=args.random_basis)
     except ValueError as err:
         raise UsageError(str(err)) from None
     if est["full_rank_weights"]:
@@ -212,7 +215,8 @@ def _memory(args: argparse.Namespace) -> int:
     print(format_estimate(est, f"{args.model} ({est['parameters'] / 1e9:.2f}B parameters), {args.optimizer}{rank}"
                           f"{', layer-wise' if args.layerwise else ''}, batch {args.batch} x {args.seq} tokens, "
                           f"{args.dtype}, activations: {args.activations}"
-                          + (f", {args.state_bits}-bit moments" if args.state_bits != 32 else "")))
+                          + (f", {args.state_bits}-bit moments" if args.state_bits != 32 else "")
+                          + (f", random bases: {args.random_basis}" if args.random_basis != "keep" else "")))
     return 0
 
 

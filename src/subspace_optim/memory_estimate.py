@@ -31,6 +31,7 @@ from .train.models import LLAMA_SIZES, MAX_POSITIONS, default_rank
 
 ESTIMATE_OPTIMIZERS = ("adamw", "galore", "golore", "rso")
 ACTIVATION_MODELS = ("full", "flash", "checkpoint")
+RANDOM_BASES = ("keep", "regenerate")
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}  # any spelling of dtype_name
 
 
@@ -100,13 +101,19 @@ def activation_bytes(spec: ArchSpec, batch: int, seq: int, nbytes: int, model: s
 
 def estimate(model: str | ArchSpec, optimizer: str = "adamw", *, rank: int | None = None, batch: int = 1,
              seq: int = 2048, dtype: str = "bf16", layerwise: bool = False, activations: str = "full",
-             state_bits: int = 32) -> dict:
+             state_bits: int = 32, random_basis: str = "keep") -> dict:
     """Bytes of each part of training ``model`` with Adam-type ``optimizer``; keys as in ``format_estimate``.
 
     adamw: 2 moments per parameter. galore/golore: 2·r·max(m, n) moments and an r x min(m, n) basis per
-    projected (linear) weight, 2 moments per dense parameter (GoLore's basis can be regenerated from a seed,
-    but is held while training). rso: frozen weights; gradients and moments only for each B (out x r) and the
-    dense parameters. layerwise: each gradient is freed inside backward, so at most the largest one is alive.
+    projected (linear) weight, 2 moments per dense parameter. rso: frozen weights; gradients and moments only for
+    each B (out x r) and the dense parameters. layerwise: each gradient is freed inside backward, so at most the
+    largest one is alive.
+    random_basis (golore): "keep" holds every basis between steps; "regenerate" draws each from its seed when
+    its weight is projected and drops it after its update. Layer-wise that is one basis at a time, during
+    backward (the largest counts); in standard mode step() draws every basis before it updates any weight, so
+    all of them are held at once, but only inside step(), after backward has freed the activations: the total
+    counts the larger of the two (``bases_apart``). A refresh's transient second basis (the old one, for the
+    moments' transport) is not counted, as keep's new one is not.
     rank: default ``default_rank(hidden)`` (returned as ``rank``); a linear weight that it does not reduce is
     counted at full rank (``full_rank_weights`` of them), as the optimizer and ``apply_rso`` train it.
     state_bits: how each moment tensor is stored (module docstring); ``counters``: the step counters' bytes.
@@ -119,6 +126,11 @@ def estimate(model: str | ArchSpec, optimizer: str = "adamw", *, rank: int | Non
     if dtype_name(dtype) not in DTYPE_BYTES:
         raise ValueError(f"unknown dtype {dtype!r}; expected one of {', '.join(DTYPE_BYTES)} (or fp32, bf16, fp16)")
     check_state_bits(state_bits)
+    if random_basis not in RANDOM_BASES:
+        raise ValueError(f"unknown random_basis {random_basis!r}; expected one of {RANDOM_BASES}")
+    if random_basis != "keep" and optimizer != "golore":
+        raise ValueError(f"random_basis {random_basis!r}: only golore's bases are random ({optimizer!r} has none "
+                         "to regenerate)")
     nbytes = DTYPE_BYTES[dtype_name(dtype)]
     shapes, dense = spec.linear_shapes(), spec.dense_numel()
     rank = None if optimizer == "adamw" else default_rank(spec.hidden) if rank is None else rank
@@ -140,13 +152,17 @@ def estimate(model: str | ArchSpec, optimizer: str = "adamw", *, rank: int | Non
     stepped += spec.dense_tensors()  # the numbers of each moment tensor the optimizer holds (two per tensor)
     # layer-wise: one gradient alive at a time, at most the largest tensor (a linear weight, its B, or the embedding)
     gradients = max(trainable[:-1] + [spec.vocab * spec.hidden]) if layerwise else sum(trainable)
-    bases = sum(rank * min(m, n) for m, n in low) if optimizer in ("galore", "golore") else 0
+    sizes = [rank * min(m, n) for m, n in low] if optimizer in ("galore", "golore") else []
+    regenerate = random_basis == "regenerate"
+    bases = max(sizes, default=0) if regenerate and layerwise else sum(sizes)
+    apart = regenerate and not layerwise  # held only inside step(), never with the activations
     moments = sum(2 * stored_bytes(n, state_bits, nbytes) for n in stepped)
     act = activation_bytes(spec, batch, seq, nbytes, activations, rank if optimizer == "rso" else None)
     parts = {"weights": weights * nbytes, "gradients": gradients * nbytes, "optimizer_state": moments,
              "counters": 4 * len(stepped), "projection": bases * nbytes, "activations": act}
-    return {**parts, "total": sum(parts.values()), "parameters": weights, "rank": rank,
-            "full_rank_weights": len(narrow) if rank is not None else 0}
+    total = sum(parts.values()) - (min(parts["projection"], act) if apart else 0)
+    return {**parts, "total": total, "parameters": weights, "rank": rank,
+            "full_rank_weights": len(narrow) if rank is not None else 0, "bases_apart": apart}
 
 
 def format_estimate(est: dict, title: str) -> str:
@@ -155,4 +171,7 @@ def format_estimate(est: dict, title: str) -> str:
             ("total", "total")]
     lines = [title]
     lines += [f"  {label:<26} {est[key] / 1e9:10.2f} GB" for label, key in rows]
+    if est.get("bases_apart"):
+        lines.append("  (the bases are drawn inside step(), after backward has freed the activations: the total "
+                     "counts the larger of the two)")
     return "\n".join(lines)

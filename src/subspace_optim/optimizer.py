@@ -54,11 +54,13 @@ SETTINGS = {
     "state_bits": 32,
     "basis_dtype": "float32",
     "projection_dtype": "float32",
+    "random_basis": "keep",
 }
 MOMENTS = ("keep", "project", "rotate", "reset")
 SIDES = ("std", "left", "right")
 SVD_METHODS = ("exact", "randomized")
 NONFINITE = ("skip", "raise")
+RANDOM_BASES = ("keep", "regenerate")
 #: State entries owned by the projection machinery; everything else belongs to the inner rule.
 PROJECTION_KEYS = frozenset(
     {"basis", "random_basis", "proj_step", "refreshes", "switched_at", "auto_sum", "auto_sketch",
@@ -69,9 +71,10 @@ PROJECTION_KEYS = frozenset(
 #: are regenerated from the seed, the rule and pca_rule name the state's keys): load_state_dict refuses a
 #: checkpoint saved with other values unless told to adopt them (strict=False).
 STATE_SETTINGS = ("rule", "rank", "projector", "side", "seed", "pca_rule")
-#: How the state is held and the projections computed, not what it means: load_state_dict keeps this optimizer's
-#: values and converts a checkpoint saved with others (with a warning).
-PRECISION_SETTINGS = ("state_bits", "basis_dtype", "projection_dtype")
+#: How the state is held (its precision, whether random bases are held between steps) and the projections computed,
+#: not what it means: load_state_dict keeps this optimizer's values and converts a checkpoint saved with others
+#: (with a warning where a number changes).
+PRECISION_SETTINGS = ("state_bits", "basis_dtype", "projection_dtype", "random_basis")
 #: Parameter -> weak reference to the live layer-wise optimizer whose hooks update it: two would both update it.
 _HOOK_OWNERS = WeakIdKeyDictionary()
 
@@ -123,16 +126,21 @@ def _lookup(state: dict, path: tuple):
 class _Guard:
     """One layer-wise update taken before its gradient is known to be finite (see ``_update_guarded``): what it
     may change, as it was. Tensors are copied only for the update (one parameter's state, and a dense weight), the
-    host values (counters, flags) and the keys until ``step()``."""
+    host values (counters, flags) and the keys until ``step()``. A basis that random_basis="regenerate" draws again
+    is neither copied nor kept: an undone update leaves it to be drawn from the restored refresh count."""
 
     def __init__(self, found: Tensor, works: list[_Work]):
         self.found = found
-        self.switches: list = []  # (state, auto's device flag, the step it would record)
+        self.switches: list = []  # (state, its group, auto's device flag, the step it would record)
         self.saved = []
         for w in works:
-            tensors = {path: t.detach().clone() for path, t in _tensors(w.state)}
+            drawn = _regenerable(w.state, w.group)
+            tensors = {path: t.detach().clone() for path, t in _tensors(w.state) if not (drawn and path == ("basis",))}
+            host = _host_copy(w.state)
+            if drawn:
+                host.pop("basis", None)
             weight = None if w.projected else local(w.param).detach().clone()
-            self.saved.append((w.state, _host_copy(w.state), w.param, (tensors, weight)))
+            self.saved.append((w.state, host, w.param, (tensors, weight)))
 
     def put_back_tensors(self) -> None:
         """Where the gradient was not finite, every changed tensor takes its old value again (on the device)."""
@@ -154,6 +162,12 @@ class _Guard:
 def _host_copy(state: dict) -> dict:
     """The state's keys and host values; tensors by reference (their values are put back on the device)."""
     return {k: _host_copy(v) if isinstance(v, dict) else v for k, v in state.items()}
+
+
+def _regenerable(state: dict, group: dict) -> bool:
+    """Whether the current basis is random and random_basis="regenerate" draws it again when needed."""
+    flag = state.get("random_basis")  # a bool once committed (auto's switch is read at step())
+    return group.get("random_basis") == "regenerate" and not isinstance(flag, Tensor) and bool(flag)
 
 
 def _restore_host(state: dict, saved: dict) -> None:
@@ -235,6 +249,17 @@ class SubspaceOptimizer(Optimizer):
       basis_dtype ("float32" | "bfloat16"): the dtype a basis is held (and saved) in.
       projection_dtype ("float32" | "bfloat16"): the dtype of R = Pᵀ G and P U (bfloat16: the backend's matmul
         accumulates in float32 and rounds the product once; R is then used in float32).
+      random_basis ("keep" | "regenerate"): whether a random basis (GoLore's; hybrid's and auto's after their
+        switch) is held between steps. "regenerate" deletes it after its weight's update and draws it again from
+        its key (seed, parameter index, refresh count) when next needed, for the projection or, at a refresh,
+        for the transport T = P_newᵀ P_old: the same bits, so the trajectory and the checkpoints are those of
+        "keep". The cost is one QR of a d x r Gaussian per weight per step, O(d r²) (about 4dr² flops with Q
+        formed): at LLaMA-7B's shapes (r = 1024, d = 4096) 13% of the two projections' 4·r·m·n flops. The
+        Gaussian is drawn on the CPU generator (so every device draws the same basis) and copied to the device:
+        on a GPU that is a host-side draw and a host-to-device copy of d x r float32 per weight per step. It
+        saves the bases between steps (1.9 GB at 7B, r = 1024, bf16); at the peak, layer-wise mode holds one
+        basis at a time (with accumulation_steps > 1, from a weight's first micro-batch to its update), standard
+        mode all of them, but only inside step(), which draws each before it updates any weight.
       layerwise: update each parameter from its post-accumulate-grad hook during backward and free its
         gradient at once; with ``accumulation_steps = k`` the *projected* gradient is accumulated over k
         micro-batches (full gradients are kept only when a data-dependent refresh needs them). Outside
@@ -370,6 +395,7 @@ class SubspaceOptimizer(Optimizer):
         _choice("side", group["side"], SIDES)
         _choice("svd", group["svd"], SVD_METHODS)
         _choice("pca_rule", group["pca_rule"], RULES)
+        _choice("random_basis", group["random_basis"], RANDOM_BASES)
         if isinstance(group["lr"], Tensor) and group["lr"].numel() != 1:
             raise ValueError("Tensor lr must be 1-element")  # torch.optim's rule and message
         if not group["lr"] >= 0.0:
@@ -462,6 +488,13 @@ class SubspaceOptimizer(Optimizer):
     def _key(self, p: Tensor, group: dict, refresh: int) -> int:
         """The seed of a parameter's ``refresh``-th basis: (seed, parameter index, refresh count)."""
         return derive_seed(group["seed"], self._index[p], refresh)
+
+    @staticmethod
+    def _release(state: dict, group: dict) -> None:
+        """random_basis="regenerate": a random basis is not held once its weight is updated (``_basis`` draws it
+        again from its key)."""
+        if _regenerable(state, group):
+            state.pop("basis", None)
 
     def _install(self, p: Tensor, state: dict, group: dict, basis: Tensor, random: bool) -> None:
         """Commit a refresh: the new basis (moments carried over), the projector's bookkeeping, the count."""
@@ -574,6 +607,9 @@ class SubspaceOptimizer(Optimizer):
         """Take the step for ``works`` if every gradient is finite; return whether it was taken."""
         self._resolve(works)
         if not self._decide(works):
+            for w in works:
+                if w.projected:
+                    self._release(w.state, w.group)
             return False
         by_group: dict[int, list[_Work]] = {}
         for w in works:
@@ -594,7 +630,7 @@ class SubspaceOptimizer(Optimizer):
             if w.projected:
                 w.mask = found
             if w.refresh is not None and isinstance(w.refresh[1], Tensor):  # auto: its switch is read at step()
-                guard.switches.append((w.state, w.refresh[1], w.state["proj_step"]))
+                guard.switches.append((w.state, w.group, w.refresh[1], w.state["proj_step"]))
                 w.refresh = (w.refresh[0], False)
         by_group: dict[int, list[_Work]] = {}
         for w in works:
@@ -611,15 +647,17 @@ class SubspaceOptimizer(Optimizer):
         if not guards:
             return True
         switches = [entry for g in guards for entry in g.switches]
-        flags = _read(torch.cat([g.found for g in guards] + [r.reshape(1).to(guards[0].found) for _, r, _ in switches]))
+        flags = _read(torch.cat([g.found for g in guards]
+                                + [r.reshape(1).to(guards[0].found) for _, _, r, _ in switches]))
         skipped = [g for g, flag in zip(guards, flags) if flag]
         for guard in skipped:
             guard.undo_host()
         undone = {id(state) for g in skipped for state, *_ in g.saved}
-        for (state, _, at), random in zip(switches, flags[len(guards):]):
+        for (state, group, _, at), random in zip(switches, flags[len(guards):]):
             if random and id(state) not in undone:  # what Switching.commit records, known only now
                 state["random_basis"] = True
                 state["switched_at"] = at
+                self._release(state, group)
         if skipped and self.nonfinite == "raise":
             which = sorted({self._index[p] for g in skipped for _, _, p, _ in g.saved})
             raise FloatingPointError(f"non-finite gradient in parameter(s) #{which} (their updates were undone)")
@@ -659,6 +697,7 @@ class SubspaceOptimizer(Optimizer):
                 # (T = P_newᵀ P_old is not orthogonal for a non-orthonormal P, and applying it every step compounds).
                 w.state["basis"] = _held(new, group)
             w.state["proj_step"] += 1
+            self._release(w.state, group)
 
     def _apply_back(self, p: Tensor, group: dict, basis: Tensor, update: Tensor, alpha: float | Tensor) -> None:
         """W <- W - alpha * P U (left) or W <- W - alpha * (P U)ᵀ (right) on this rank's rows of W.
@@ -876,6 +915,7 @@ class SubspaceOptimizer(Optimizer):
                 _restore_dtypes(state, saved, p.device)
                 self._check_loaded(p, state, self._group_of[p])
                 converted |= self._convert_precision(p, state, self._group_of[p])
+                self._release(state, self._group_of[p])
         if converted:
             warnings.warn(f"the checkpoint's state was saved at another precision; converted: "
                           f"{', '.join(sorted(converted))} (lossy where it narrows)", stacklevel=2)
@@ -961,13 +1001,22 @@ def _restore_dtypes(live: dict, saved: dict, device) -> None:
 def _drop_regenerable_bases(optimizer: Optimizer, state_dict: dict) -> dict:
     """The bases of an always-random projector (GoLore) are regenerated from (seed, parameter index, refresh
     count): do not save them. Other projectors save their current basis, random or not, so that the keys of a
-    saved state do not depend on when a switch happened."""
+    saved state do not depend on when a switch happened: one that random_basis="regenerate" does not hold is
+    drawn for the checkpoint (which is then the one "keep" saves)."""
     packed = state_dict["state"]
     always_random = {i for g in state_dict["param_groups"] if PROJECTORS.get(g.get("projector")) is not None
                      and PROJECTORS[g["projector"]].random for i in g["params"]}
+    placed = [(p, g) for g in optimizer.param_groups for p in g["params"]]  # state_dict's indices, in this order
     for k, s in list(packed.items()):
-        if k in always_random and isinstance(s, dict) and "basis" in s:  # a user's hook may add other entries
+        if not isinstance(s, dict):  # a user's hook may add other entries
+            continue
+        if k in always_random and "basis" in s:
             packed[k] = {kk: v for kk, v in s.items() if kk != "basis"}
+        elif k not in always_random and "basis" not in s and s.get("random_basis"):
+            p, group = placed[k]
+            if p not in optimizer._index:
+                optimizer._reindex()  # the groups hold other parameters now (accelerate's FSDP2 swap)
+            packed[k] = {**s, "basis": optimizer._basis(p, dict(s), group)}
     return state_dict
 
 

@@ -80,6 +80,10 @@ class TrainConfig:
     state_bits: int = _f(32, "how the optimizer's moments are held: 32 (float32, as torch.optim), 16 (bfloat16), 8 "
                          "or 4 (block-wise quantized, torchao's optimizer states; needs the 'lowbit' extra)",
                          choices=(32, 16, 8, 4))
+    random_basis: str = _f("keep", "whether the optimizer holds a random basis (golore's; golore@X's and auto's "
+                           "after their switch) between steps: keep, or regenerate it from its seed when needed "
+                           "(the same numbers, without its memory, for one QR of a d x r Gaussian per weight per "
+                           "step)", choices=("keep", "regenerate"))
     adam_arithmetic: str = _f("torch", "AdamW's arithmetic in our optimizers: torch (torch.optim.AdamW's) or "
                               "galore-torch (GaLoreAdamW's: eps 1e-6 added to sqrt(v) before the bias correction, "
                               "weight decay after the update; --optimizer galore --moments keep then reproduces "

@@ -40,6 +40,7 @@ class Method:
     default_moments: str | None = None  # None: the optimizer's own default
     flags: tuple[str, ...] = ()  # config fields that only this method takes (e.g. rso_eta)
     state_bits: bool = True  # takes --state-bits (ours; torch's AdamW and galore-torch hold float32 moments)
+    random_basis: bool = True  # takes --random-basis regenerate (ours, with projected weights)
 
 
 def _rule_class(rule: str):
@@ -71,7 +72,8 @@ def _ours(cfg: TrainConfig, model: nn.Module, params, **settings) -> Setup:
         extra.update(arithmetic=cfg.adam_arithmetic, eps=1e-6)
     optimizer = _rule_class(cfg.rule)(
         params, lr=cfg.lr, weight_decay=cfg.weight_decay, update_gap=cfg.update_gap, scale=cfg.scale,
-        seed=cfg.seed, layerwise=cfg.layerwise, state_bits=cfg.state_bits, **extra, **settings,
+        seed=cfg.seed, layerwise=cfg.layerwise, state_bits=cfg.state_bits, random_basis=cfg.random_basis,
+        **extra, **settings,
         # the hooks must know when a step's micro-batches are in; otherwise autograd sums them into .grad
         accumulation_steps=cfg.grad_accum if cfg.layerwise else 1)
     return Setup(model, optimizer)
@@ -132,22 +134,23 @@ def _galore_torch(cfg: TrainConfig, model: nn.Module) -> Setup:
 
 OPTIMIZERS: dict[str, Method] = {
     "adamw": Method("plain torch.optim.AdamW over every parameter: the baseline", _adamw, rules=("adamw",),
-                    layerwise=False, rank=False, side=False, moments=(), state_bits=False),
+                    layerwise=False, rank=False, side=False, moments=(), state_bits=False, random_basis=False),
     "full": Method("our optimizer with every parameter dense: the full-rank baseline of any --rule", _full,
-                   rank=False, side=False, moments=()),
+                   rank=False, side=False, moments=(), random_basis=False),
     "galore": Method("projector galore: top-r singular vectors of the gradient, refreshed every --update-gap "
-                     "steps", _projector("galore")),
+                     "steps", _projector("galore"), random_basis=False),
     "golore": Method("projector golore: a uniformly random orthonormal basis", _projector("golore")),
     "golore@X": Method("projector hybrid: GaLore, then GoLore for the last X% of --steps", _golore_at),
-    "online_pca": Method("Online Subspace Descent: the basis is trained every step", _projector("online_pca")),
+    "online_pca": Method("Online Subspace Descent: the basis is trained every step", _projector("online_pca"),
+                         random_basis=False),
     "auto": Method("GaLore per weight until its SVD subspace captures measurably less than a random one, then "
                    "GoLore", _projector("auto")),
     "rso": Method("RSO layers: targeted linear layers train B in W + B P (B at --lr x --scale), merged every "
                   "--update-gap steps", _rso, layerwise=False, side=False, moments=("reset", "project"),
-                  default_moments="reset", flags=("rso_eta",)),
+                  default_moments="reset", flags=("rso_eta",), random_basis=False),
     "galore-torch": Method("the GaLore authors' GaLoreAdamW (pip install galore-torch bitsandbytes) on the same "
                            "groups; cannot be resumed", _galore_torch, rules=("adamw",), layerwise=False,
-                           moments=(), state_bits=False),
+                           moments=(), state_bits=False, random_basis=False),
 }
 
 _GOLORE_AT = re.compile(r"golore@(\d+(?:\.\d+)?)")
@@ -186,6 +189,9 @@ def check_method(cfg: TrainConfig) -> Method:
     if cfg.state_bits != 32 and not method.state_bits:
         raise UsageError(f"--state-bits {cfg.state_bits}: --optimizer {name} holds float32 moments; use --optimizer "
                          "full for a dense baseline with low-precision moments")
+    if cfg.random_basis != "keep" and not method.random_basis:
+        raise UsageError(f"--random-basis {cfg.random_basis}: --optimizer {name} has no random bases; use a projected "
+                         "one (golore, golore@X, auto)")
     if cfg.adam_arithmetic != "torch" and (cfg.rule != "adamw" or name in ("adamw", "galore-torch")):
         raise UsageError(f"--adam-arithmetic {cfg.adam_arithmetic}: only our optimizers with --rule adamw take it "
                          f"(not --optimizer {name} --rule {cfg.rule}; for a dense baseline use --optimizer full)")
