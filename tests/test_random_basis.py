@@ -21,8 +21,8 @@ import subspace_optim as so
 from subspace_optim.memory import state_tensors, tensor_bytes
 
 RANK, GAP, STEPS = 16, 3, 11  # refreshes at 0, 3, 6, 9 (each after the first transports the moments)
-#: the step at which each projector's bases turn random (auto: at its first refresh with an SNR, its threshold
-#: being above any SNR), so that a later refresh transports the moments out of a regenerated random basis
+#: the step at which each projector's bases turn random (auto: at its first decision, its z-score threshold being
+#: far below any), so that a later refresh transports the moments out of a regenerated random basis
 SWITCH = {"golore": 0, "hybrid": 6, "auto": 3}
 #: 8-bit moments where torchao is importable (as tests/test_lowbit.py skips them)
 BITS = (32, 8) if importlib.util.find_spec("torchao") is not None else (32,)
@@ -55,7 +55,7 @@ class Net(nn.Module):
 
 def make(net, projector, random_basis, **kwargs):
     kwargs = {"lr": 1e-2, "update_gap": GAP, "moments": "project", "total_steps": 12, "random_fraction": 0.5,
-              "auto_threshold": 2.0, **kwargs}
+              "auto_threshold": -1e9, **kwargs}
     return so.SubspaceAdamW(net.groups(), projector=projector, random_basis=random_basis, **kwargs)
 
 
