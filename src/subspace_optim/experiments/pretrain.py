@@ -327,14 +327,17 @@ def _pending(*values) -> str | None:
     return next((v for v in values if isinstance(v, str)), None)
 
 
-def _pair(study: Study, claim: Claim, mine: str, theirs: str, judge) -> Claim:
-    """A claim about two methods at their best learning rates, judged by ``judge(mine, theirs)``."""
-    a, b = study.at_best(mine), study.at_best(theirs)
+def _pair(study: Study, claim: Claim, mine: str, theirs: str, judge, variants: tuple[dict, dict] = ({}, {}),
+          labels: tuple[str, str] | None = None) -> Claim:
+    """A claim about two methods (or ``variants`` of them) at their best learning rates, judged by
+    ``judge(mine, theirs)``."""
+    a, b = study.at_best(mine, **variants[0]), study.at_best(theirs, **variants[1])
     why = _pending(a, b)
     if why:
         return claim.unknown(why)
     claim.verdict = judge(a, b)
-    claim.numbers = (f"val ppl {mine} {a} vs {theirs} {b} (ratio {a.mean / b.mean:.3f}; mean ± std over seeds "
+    names = labels or (mine, theirs)
+    claim.numbers = (f"val ppl {names[0]} {a} vs {names[1]} {b} (ratio {a.mean / b.mean:.3f}; mean ± std over seeds "
                      f"{', '.join(map(str, study.scale.seeds))}, each at its best lr)")
     return claim
 
@@ -360,13 +363,10 @@ def _arithmetic_claim(study: Study) -> Claim:
                   "(a question, not a claim: the verdict says whether galore-torch's wins)")
     if not study.scale.arithmetic:
         return claim.unknown("not planned at this scale")
-    torch_arith, theirs = (study.at_best("galore", **v) for v in GALORE_TORCH_VARIANTS)
-    why = _pending(torch_arith, theirs)
-    if why:
-        return claim.unknown(why)
-    claim.verdict = better(theirs, torch_arith)
-    claim.numbers = (f"GaLore, moments kept: galore-torch's arithmetic {theirs} vs torch's {torch_arith} (ratio "
-                     f"{theirs.mean / torch_arith.mean:.3f})")
+    _pair(study, claim, "galore", "galore", better, variants=GALORE_TORCH_VARIANTS[::-1],
+          labels=("GaLore (moments kept) with galore-torch's arithmetic", "with torch's"))
+    if claim.verdict.startswith(("pending", "not planned")):
+        return claim
     ours = study.at_best("galore")
     if not isinstance(ours, str):
         claim.numbers += f"; our default (moments projected, torch's arithmetic) {ours}"
