@@ -278,9 +278,13 @@ class Auto(Switching):
     - random side: the same with Z_t = Sᵀ G_t for a Gaussian sketch S (d x s, entries N(0, 1/s), s = min(d, 16),
       drawn per period) estimates ‖∇f‖², scaled by r/d.
 
-    Each step adds D_t = (r/d)⟨Z_t, ΣZ_{<t}⟩ - ⟨R_t, ΣR_{<t}⟩, so ΣD_t estimates C(k, 2) times "random minus SVD";
-    the D_t are martingale differences where the two are equal, so ΣD_t² estimates its variance. At the next
-    refresh the parameter switches, for good, when ΣD_t > z sqrt(ΣD_t²) with z = ``auto_threshold`` (default
+    Each step adds D_t = (r/d)⟨Z_t, ΣZ_{<t}⟩ - ⟨R_t, ΣR_{<t}⟩, whose mean is (t - 1) δ with δ = "random minus
+    SVD", so ΣD_t estimates C(k, 2) δ. Its noise terms are martingale differences, so the variance of ΣD_t is
+    estimated by the residual sum of squares of D_t about the fitted trend (t - 1) δ̂ (ΣD_t², ΣD_t (t - 1) and
+    the known Σ(t - 1)² suffice; with a raw ΣD_t² a strong δ would inflate its own noise estimate and cap the
+    statistic at about sqrt(3k/4); below 8 steps, whose residual has too few degrees of freedom, the raw ΣD_t²
+    is kept: short periods switch only on overwhelming evidence). At the next refresh the parameter switches, for
+    good, when ΣD_t > z sqrt(RSS k/(k - 1)) with z = ``auto_threshold`` (default
     2; a negative z switches unless the SVD subspace is measurably better): the SVD subspace is measurably worse
     than a random one. Merely noisy gradients (both sides small, or the SVD side ahead) keep GaLore: noise alone is
     no reason to give up the SVD. ``state["switched_at"]`` records the
@@ -295,6 +299,7 @@ class Auto(Switching):
     tracks_gradient = True
     SKETCH = 16  # columns of the sketch (at most d): its estimate of ‖∇f‖² has a relative spread of about sqrt(2/s)
     DEFAULT_Z = 2.0
+    DETRENDED_FROM = 8  # steps after the refresh from which the noise is estimated about the trend
     _SKETCH_STREAM = 0x5EED
 
     def needs_full_gradient(self, state, group):
@@ -312,8 +317,12 @@ class Auto(Switching):
         k = state.get("auto_count", 0)
         noisy = None
         if k >= 2:
-            total, squares = state["auto_test"][0], state["auto_test"][1]
-            z = group["auto_threshold"] or self.DEFAULT_Z
+            total, squares, trend = state["auto_test"].unbind()
+            if k >= self.DETRENDED_FROM:  # the residual about the trend (with fewer steps it has too few degrees
+                # of freedom, and its heavy tails would make false switches common: keep the conservative ΣD_t²)
+                weights = (k - 1) * k * (2 * k - 1) / 6  # Σ(t - 1)²
+                squares = (squares - trend.square() / weights).clamp_min(0) * (k / (k - 1))
+            z = self.DEFAULT_Z if group["auto_threshold"] is None else group["auto_threshold"]
             noisy = ((total > z * squares.sqrt()) & (squares > 0)).reshape(())
         # the next period's sketch (a skipped step redoes this refresh: the same key draws the same sketch)
         state["auto_sketch"] = self.sketch(basis.shape[0], key, basis.device)
@@ -336,10 +345,10 @@ class Auto(Switching):
         d = state["basis"].shape[0]
         s = min(d, self.SKETCH)
         state.setdefault("auto_sketch", torch.zeros(d, s, device=lowrank.device))
-        # ΣR_t (r x D) and ΣZ_t (s x D) shard like R; (ΣD_t, ΣD_t²) are whole on every rank
+        # ΣR_t (r x D) and ΣZ_t (s x D) shard like R; (ΣD_t, ΣD_t², ΣD_t (t - 1)) are whole on every rank
         state["auto_sum"] = layout.wrap(torch.zeros_like(lowrank, dtype=torch.float32))
         state["auto_sketch_sum"] = layout.wrap(torch.zeros(s, lowrank.shape[-1], device=lowrank.device))
-        state["auto_test"] = torch.zeros(2, device=lowrank.device)
+        state["auto_test"] = torch.zeros(3, device=lowrank.device)
         state["auto_count"] = 0
 
     def track(self, grad, lowrank, state, group, layout=LOCAL):
@@ -356,7 +365,7 @@ class Auto(Switching):
         if layout.split == "cols":  # partial sums over the column shards
             (cross,) = layout.sum_([cross])
         diff = group["rank"] / state["auto_sketch"].shape[0] * cross[0] - cross[1]
-        state["auto_test"].add_(torch.stack([diff, diff.square()]))
+        state["auto_test"].add_(torch.stack([diff, diff.square(), diff * state["auto_count"]]))
         sums.add_(lowrank)
         sketch_sums.add_(sketched)
         state["auto_count"] += 1
