@@ -747,7 +747,8 @@ def write(study: Study, report: Report, runs: list[Planned], waiting: list[str])
 Questions: how much validation perplexity does each memory-saving method give up against full-rank AdamW at
 equal tokens, and which projector should one use? Claims checked as sub-studies: GaLore within a few % of AdamW
 (Zhao et al. 2024), GoLore@20% and online PCA against GaLore (He et al. 2024; Liang et al. 2024), RSO against
-GoLore (Chen et al. 2025), GaLore's rank ablation, and GaLore vs GoLore vs auto across batch sizes at equal tokens.
+GoLore (Chen et al. 2025), GaLore's rank ablation, GaLore vs GoLore vs auto across batch sizes at equal tokens,
+GoLore's 8- and 4-bit moments, and which AdamW arithmetic (torch.optim's or galore-torch's) serves GaLore better.
 
 Status: {done} of {len(runs)} runs stored{f"; {len(waiting) * len(s.seeds)} sub-study runs wait for their method's lr grid" if waiting else ""}.
 Missing runs make their rows "pending"; `subspace-optim reproduce pretrain` runs what is missing (`--max-runs N` at
