@@ -193,7 +193,7 @@ def test_quick_study_end_to_end(quick):
     assert (quick / QUICK / "pretrain-auto-switches.png").is_file() and "auto's switch steps" in report
     assert "galore-torch's AdamW arithmetic (= galore-torch)" in report
     verdicts = _verdicts(quick / QUICK / "pretrain.md")
-    assert len(verdicts) == 9 and not any(v.startswith(("**pending", "**not planned")) for v in verdicts.values())
+    assert len(verdicts) == 10 and not any(v.startswith(("**pending", "**not planned")) for v in verdicts.values())
     stored = sorted((quick / QUICK / "pretrain-runs").iterdir())
     assert len(stored) == n
     for folder in stored:
@@ -205,7 +205,7 @@ def test_quick_study_end_to_end(quick):
     assert provenance["identity"]["optimizer"] == runstore.optimizer_probe({k: flags[k] for k in run_for(
         SCALES["quick"], flags["optimizer"], flags["lr"], flags["seed"]).flags})
     assert f"`{provenance['commit'][:10]}`" in report
-    for method in ("adamw", "galore", "golore", "golore@20", "online_pca", "auto", "rso"):
+    for method in ("adamw", "full-scaled", "galore", "golore", "golore@20", "online_pca", "auto", "rso"):
         assert f"\n| {method} | 0.01" in report or f"\n| {method} | 0.001" in report  # its best lr
 
 
@@ -236,7 +236,7 @@ def test_index_of_the_quick_reports(quick, monkeypatch):
     assert main(["reproduce", "index", "--quick"]) == 0
     text = (quick / QUICK / "README.md").read_text()
     assert index.BEGIN in text and "| [pretrain](pretrain.md) |" in text
-    assert text.count("](pretrain.md)") == 9
+    assert text.count("](pretrain.md)") == 10
 
 
 def test_max_runs_builds_the_study_over_invocations_and_an_interrupted_run_resumes(tmp_path, monkeypatch, capsys):

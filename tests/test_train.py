@@ -294,3 +294,22 @@ def test_fused_loss_usage_errors(tmp_path, bbc_slice, capsys):
     assert main(["train", "--model", str(gemma), "--data", bbc_slice, "--fused-loss", "--out", str(out), *SMALL]) == 2
     assert "--fused-loss: Gemma2ForCausalLM has final_logit_softcapping=30.0" in capsys.readouterr().err
     assert not out.exists()
+
+
+def test_full_scaled_steps_the_targeted_linear_weights_at_lr_times_scale():
+    """--optimizer full-scaled: every parameter dense, the weights the projected methods project in a group at
+    lr x scale, the rest at lr."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from subspace_optim.train.config import TrainConfig, resolve
+    from subspace_optim.train.optimizers import build_optimizer
+
+    model = LlamaForCausalLM(LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                         num_attention_heads=2, vocab_size=50))
+    cfg = resolve(TrainConfig(optimizer="full-scaled", lr=1e-2, scale=0.25))
+    opt = build_optimizer(cfg, model).optimizer
+    lrs = {id(p): g["lr"] for g in opt.param_groups for p in g["params"]}
+    assert lrs[id(model.model.layers[0].mlp.down_proj.weight)] == pytest.approx(2.5e-3)
+    assert lrs[id(model.model.embed_tokens.weight)] == 1e-2 and lrs[id(model.lm_head.weight)] == 1e-2
+    assert all("rank" not in g for g in opt.param_groups)
+    assert len(lrs) == sum(1 for _ in model.parameters())

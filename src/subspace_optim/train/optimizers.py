@@ -87,6 +87,15 @@ def _full(cfg: TrainConfig, model: nn.Module) -> Setup:
     return _ours(cfg, model, [{"params": [p for p in model.parameters() if p.requires_grad]}])
 
 
+def _full_scaled(cfg: TrainConfig, model: nn.Module) -> Setup:
+    """Every parameter dense, with the subspace methods' step-size rule: the linear weights they would project step
+    at --lr x --scale, the rest at --lr. Against the projected methods this removes the step-size difference and
+    leaves only the projection."""
+    groups = [{"params": g["params"], "lr": cfg.lr * cfg.scale} if "rank" in g else g
+              for g in projected_groups(cfg, model)]
+    return _ours(cfg, model, [g for g in groups if g["params"]])
+
+
 def _projector(name: str):
     def build(cfg: TrainConfig, model: nn.Module) -> Setup:
         return _ours(cfg, model, projected_groups(cfg, model), projector=name)
@@ -137,6 +146,9 @@ OPTIMIZERS: dict[str, Method] = {
                     layerwise=False, rank=False, side=False, moments=(), state_bits=False, random_basis=False),
     "full": Method("our optimizer with every parameter dense: the full-rank baseline of any --rule", _full,
                    rank=False, side=False, moments=(), random_basis=False),
+    "full-scaled": Method("like full, but the linear weights that the projected methods project step at --lr x "
+                          "--scale (the rest at --lr): the full-rank baseline at their step sizes", _full_scaled,
+                          rank=False, side=False, moments=(), random_basis=False),
     "galore": Method("projector galore: top-r singular vectors of the gradient, refreshed every --update-gap "
                      "steps", _projector("galore"), random_basis=False),
     "golore": Method("projector golore: a uniformly random orthonormal basis", _projector("golore")),
