@@ -26,12 +26,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from .lowbit import check_state_bits, stored_bytes
+from .optimizer import RANDOM_BASES
 from .train.config import dtype_name
 from .train.models import LLAMA_SIZES, MAX_POSITIONS, default_rank
 
 ESTIMATE_OPTIMIZERS = ("adamw", "galore", "golore", "rso")
 ACTIVATION_MODELS = ("full", "flash", "checkpoint")
-RANDOM_BASES = ("keep", "regenerate")
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}  # any spelling of dtype_name
 
 

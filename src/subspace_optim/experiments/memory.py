@@ -79,16 +79,18 @@ def _plot(report: Report, model: str, rank: int, activations: str) -> Path:
 
 
 def plan(args) -> tuple[dict, list[tuple[str, dict, Path]]]:
-    """(batch and seq of the measured runs, [(optimizer, harness flags, run folder)]): short llama-tiny runs
+    """(batch and seq of the measured runs, [(label, harness flags, run folder)]): short llama-tiny runs
     through the harness (fp32, SDPA attention), measured beside the estimate."""
     batch, seq, steps = (2, 64, 1) if args.quick else (8, 256, 2)
     runs = Path(args.runs) / ("memory-quick" if args.quick else "memory")
-    optimizers = [o for o in (("adamw", "rso") if args.quick else ("adamw", "galore", "golore", "rso", "golore-8bit"))
-                  if o != "rso" or _harness_has("rso")]
+    #: (label, optimizer, its extra flags)
+    measured = ((("adamw", "adamw", {}), ("rso", "rso", {})) if args.quick else
+                (("adamw", "adamw", {}), ("galore", "galore", {}), ("golore", "golore", {}), ("rso", "rso", {}),
+                 ("golore-8bit", "golore", {"state_bits": 8})))
     return {"batch": batch, "seq": seq}, [
-        (o, dict(model="llama-tiny", optimizer=o.split("-")[0], steps=steps, batch_size=batch, seq_len=seq,
-                 eval_batches=1, update_gap=50, seed=0, **({"state_bits": 8} if o.endswith("8bit") else {})),
-         runs / o) for o in optimizers]
+        (label, dict(model="llama-tiny", optimizer=o, steps=steps, batch_size=batch, seq_len=seq, eval_batches=1,
+                     update_gap=50, seed=0, **extra), runs / label)
+        for label, o, extra in measured if o != "rso" or _harness_has("rso")]
 
 
 def dry_run(args) -> list[str]:
@@ -100,7 +102,7 @@ def _measured(args) -> tuple[list[list], list[str]]:
     """Measured bytes of each planned run beside the estimate, and the runs' commands."""
     shape, runs = plan(args)
     rows, commands = [], []
-    for optimizer, flags, out in runs:
+    for label, flags, out in runs:
         summary = harness("train", flags, out)
         commands.append(flags_to_cli("train", flags))
         measured = summary["memory"]
@@ -112,7 +114,7 @@ def _measured(args) -> tuple[list[list], list[str]]:
                            ("gradients", measured["gradients_bytes"], est["gradients"]),
                            ("optimizer state (+ steps, bases)", measured["optimizer_state_bytes"], est_state),
                            ("activations", measured["activations_bytes"], est["activations"])):
-            rows.append([optimizer, part, f"{m / 2**20:.2f}", f"{e / 2**20:.2f}", f"{e / m:.3f}" if m else "n/a"])
+            rows.append([label, part, f"{m / 2**20:.2f}", f"{e / 2**20:.2f}", f"{e / m:.3f}" if m else "n/a"])
     return rows, commands
 
 

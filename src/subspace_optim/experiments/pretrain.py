@@ -551,7 +551,7 @@ def switch_grid(switch_steps: dict[str, int], layers: int, steps: int) -> tuple[
         match = _LAYER_WEIGHT.search(name)
         if match:
             found[match.group(2), int(match.group(1))] = step / steps
-    modules = [m for m in BLOCK_LINEARS] + sorted({m for m, _ in found} - set(BLOCK_LINEARS))
+    modules = list(BLOCK_LINEARS) + sorted({m for m, _ in found} - set(BLOCK_LINEARS))
     layers = max([layers, *(i + 1 for _, i in found)])
     return modules, [[found.get((m, i), math.nan) for i in range(layers)] for m in modules]
 
@@ -559,7 +559,8 @@ def switch_grid(switch_steps: dict[str, int], layers: int, steps: int) -> tuple[
 def _switch_figure(report: Report, study: Study) -> Path | None:
     """auto's switch step per weight (module x layer), one panel per batch size, at auto's best lr and the tuning
     seed: which weights' SVD subspaces fell behind a random one, and when."""
-    lr, s = study.best_lr("auto") if "auto" in study.methods else None, study.scale
+    s = study.scale
+    lr = study.best_lr("auto") if "auto" in study.methods else None
     if lr is None:
         return None
     from ..train.models import LLAMA_SIZES
