@@ -587,7 +587,7 @@ def _switch_figure(report: Report, study: Study) -> Path | None:
                xticks=range(len(grid[0])), yticks=range(len(modules)), yticklabels=modules)
     fig.colorbar(image, ax=list(axes), label="switch step / run length (blank: never)")
     path = report.figure("auto-switches")
-    fig.savefig(path)
+    fig.savefig(path, bbox_inches="tight")  # the module names are wider than the margin
     return path
 
 
