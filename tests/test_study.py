@@ -107,6 +107,8 @@ def test_every_run_sees_a_million_tokens_in_the_same_order():
 
 def test_verdict_rules():
     assert not_worse(Ppl([101, 103]), Ppl([100, 100]), 0.03) == "reproduced"
+    assert not_worse(Ppl([98, 98]), Ppl([100, 100]), 0.03) == "reproduced"  # better, but within the tolerance
+    assert not_worse(Ppl([80, 81]), Ppl([100, 101]), 0.03) == "reproduced, and beaten: 20% lower, not within 3%"
     assert not_worse(Ppl([120, 121]), Ppl([100, 101]), 0.03) == "not reproduced"
     assert not_worse(Ppl([100, 120]), Ppl([100, 100]), 0.03).startswith("inconclusive")  # 10% worse, spread 14%
     assert better(Ppl([90, 91]), Ppl([100, 101])) == "reproduced"

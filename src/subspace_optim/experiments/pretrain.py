@@ -155,8 +155,11 @@ class Ppl:
 def not_worse(x: Ppl, y: Ppl, tolerance: float) -> str:
     """Verdict on "x's perplexity is at most (1 + tolerance) times y's": reproduced when the means say so; not
     reproduced when x misses it by more than the seeds' spread (the two standard deviations added, relative to
-    y's mean); inconclusive in between."""
+    y's mean); inconclusive in between. A claim of near-parity that x beats by more than the tolerance and the
+    spread is flagged: the paper's "within a few %" is then not what was seen."""
     ratio, spread = x.mean / y.mean, (x.std + y.std) / y.mean
+    if ratio < 1 - tolerance - spread:
+        return f"reproduced, and beaten: {(1 - ratio) * 100:.0f}% lower, not within {tolerance * 100:g}%"
     if ratio <= 1 + tolerance:
         return "reproduced"
     return "not reproduced" if ratio > 1 + tolerance + spread else "inconclusive (within the seeds' spread)"
