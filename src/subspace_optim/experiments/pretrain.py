@@ -27,6 +27,7 @@ from pathlib import Path
 
 from ..train.config import TASK_DEFAULTS, UsageError
 from ..train.data import default_tokenizer_path, is_hub_name, read_documents, split
+from ..train.optimizers import method_of
 from ..train.tokenizer import bpe_key, bpe_vocab_size, file_sha256
 from .report import Report, table
 from . import index
@@ -115,7 +116,7 @@ def run_for(scale: Scale, method: str, lr: float, seed: int, *, batch: int | Non
         flags["moments"], tags = moments, tags + [moments]
     if arithmetic is not None:
         flags["adam_arithmetic"], tags = arithmetic, tags + [f"{arithmetic}-arith"]
-    if method in ("adamw", "full", "full-scaled"):
+    if not method_of(method).rank:  # full-rank baselines take no --rank
         flags.pop("rank", None)
     if rank is not None:
         flags["rank"], tags = rank, tags + [f"r{rank}"]
