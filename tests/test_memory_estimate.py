@@ -189,3 +189,118 @@ def test_llama_7b_with_8_bit_moments(capsys):
     with pytest.raises(SystemExit, match="2"):  # argparse names the choices
         main(["memory", "--state-bits", "12"])
     assert "choose from 32, 16, 8, 4" in capsys.readouterr().err
+
+
+def test_int8_weights_by_hand():
+    """A tiny LLaMA (hidden 8, MLP 16, 2 layers, vocab 32) in bf16 at rank 2: every linear weight is projected,
+    so all 2·(4·8·8 + 3·16·8) = 1280 linear numbers take 1 byte, plus a 2-byte scale per output row
+    (2·(4·8 + 16 + 16 + 8) = 144 rows); the 2·32·8 + 2·2·8 + 8 = 552 others stay at 2 bytes."""
+    from subspace_optim.memory_estimate import ArchSpec
+
+    spec = ArchSpec(hidden=8, intermediate=16, layers=2, heads=2, vocab=32)
+    args = dict(rank=2, batch=1, seq=4, dtype="bf16", activations="checkpoint", state_bits=16)
+    dense, int8 = estimate(spec, "golore", **args), estimate(spec, "golore", weights="int8", **args)
+    assert dense["weights"] == 2 * (1280 + 552) == 3664 and dense["transients"] == 0
+    assert int8["weights"] == 1280 + 2 * 144 + 2 * 552 == 2672
+    assert int8["transients"] == 2 * 16 * 8  # the largest linear weight (16 x 8) dequantized to bf16
+    assert int8["int8_weights"] == 14 and int8["parameters"] == dense["parameters"] == 1832
+    assert {k: int8[k] for k in ("gradients", "optimizer_state", "projection", "activations")} == \
+        {k: dense[k] for k in ("gradients", "optimizer_state", "projection", "activations")}
+    assert int8["total"] == dense["total"] - 3664 + 2672 + 256
+    # bases regenerated in standard mode live inside step(), apart from the activations and the forward's transient
+    regen = estimate(spec, "golore", weights="int8", random_basis="regenerate", **args)
+    rest = sum(regen[k] for k in ("weights", "gradients", "optimizer_state", "counters"))
+    assert regen["total"] == rest + max(regen["projection"], regen["activations"] + regen["transients"])
+
+
+def test_int8_weights_only_for_projected_optimizers(capsys):
+    for optimizer in ("adamw", "rso"):
+        with pytest.raises(ValueError, match="only galore and golore"):
+            estimate("llama-7b", optimizer, weights="int8")
+    with pytest.raises(ValueError, match="unknown weights"):
+        estimate("llama-7b", "golore", weights="int4")
+    assert main(["memory", "--weights", "int8"]) == 2
+    assert "only galore and golore" in capsys.readouterr().err
+    assert main(["memory", "--model", "llama-13b", "--optimizer", "golore", "--weights", "int8"]) == 0
+    out = capsys.readouterr().out
+    assert "int8 weights" in out and "weights (int8, row scales)" in out and "transients (int8 dequant.)" in out
+
+
+def test_llama_13b_is_llamas_13_0b():
+    """LLaMA-13B (Touvron et al. 2023: 13.0B): 40 x (4·5120² + 3·5120·13824) + 2·32000·5120 + 81·5120."""
+    assert estimate_models()["llama-13b"].parameters() == 13_015_864_320
+    dense = estimate("llama-13b", "golore", rank=1024)
+    int8 = estimate("llama-13b", "golore", rank=1024, weights="int8")
+    assert dense["weights"] == 2 * 13_015_864_320
+    linear, rows = 40 * (4 * 5120**2 + 3 * 5120 * 13824), 40 * (5 * 5120 + 2 * 13824)
+    assert int8["weights"] == linear + 2 * rows + 2 * (13_015_864_320 - linear)
+    assert int8["weights"] / GB == pytest.approx(13.35, abs=0.005)
+    assert int8["transients"] == 2 * 13824 * 5120
+
+
+def test_fit_ladder_orders_the_free_knobs_then_rank_then_bits_then_int8():
+    """The knobs by the quality they give up: none (layer-wise, regenerated bases, checkpointing), then rank
+    (highest first), then state bits, then int8 weights; each lossy level with every free knob on."""
+    from subspace_optim.memory_estimate import fit_ladder
+
+    ladder = fit_ladder("llama-13b")
+    free = [(c["activations"], c["layerwise"], c["random_basis"]) for c in ladder[:4]]
+    assert free == [("flash", False, "keep"), ("flash", True, "keep"), ("flash", True, "regenerate"),
+                    ("checkpoint", True, "regenerate")]  # the free knobs, cheapest in compute first
+    assert all(c["rank"] == 1280 and c["state_bits"] == 16 and c["weights"] == "dense" for c in ladder[:4])
+    assert all(free[-1] == (c["activations"], c["layerwise"], c["random_basis"]) for c in ladder[3:])
+    lossy = [(c["weights"], c["state_bits"], c["rank"]) for c in ladder[3:]]
+    assert lossy == [(w, b, r) for w in ("dense", "int8") for b in (16, 8, 4) for r in (1280, 640, 320)]
+
+
+def test_fit_llama_13b_in_24gb(capsys):
+    """Dense bf16 weights alone (26.03 GB) exceed 24 GB, so every dense row fails; with int8 weights rank 1280
+    needs 30.10 GB, and rank 640 is the first that fits."""
+    assert main(["memory", "--fit", "24GB", "--model", "llama-13b"]) == 0
+    out = capsys.readouterr().out
+    lines = out.splitlines()
+    rows = [line.split() for line in lines[2:] if line.split()[-1] in ("yes", "no")]
+    assert len(rows) == 16 and [r[-1] for r in rows].count("yes") == 3  # up to the third that fits
+    assert all(r[-1] == "no" for r in rows[:13])
+    marked = [r for r in rows if r[0] == "*"]
+    assert marked == [["*", "640", "16-bit", "int8", "yes", "yes", "regenerate", "23.75", "yes"]]
+    best = estimate("llama-13b", "golore", rank=640, layerwise=True, state_bits=16, random_basis="regenerate",
+                    activations="checkpoint", weights="int8")
+    assert f"{best['total'] / GB:.2f}" == "23.75"
+    assert ("  subspace-optim train --model llama-13b --optimizer golore --rank 640 --layerwise --dtype bfloat16 "
+            "--state-bits 16 --random-basis regenerate --checkpointing --fused-loss --weights int8 --batch-size 1 "
+            "--seq-len 2048") in lines
+    adamw = estimate("llama-13b", "adamw", activations="checkpoint")
+    assert f"would need {adamw['total'] / GB:.2f} GB for the same batch 1 x 2048" in out
+
+
+def test_fit_llama_7b_needs_no_lossy_knob(capsys):
+    assert main(["memory", "--fit", "24GiB", "--model", "llama-7b", "--seq", "256"]) == 0
+    out = capsys.readouterr().out
+    assert "(25.77 GB)" in out
+    marked = [line.split() for line in out.splitlines() if line.startswith("  *")]
+    # at 256 tokens the activations are small: layer-wise alone fits, no recomputation needed
+    assert marked == [["*", "1024", "16-bit", "bfloat16", "no", "yes", "keep", "24.23", "yes"]]
+    assert ("--rank 1024 --layerwise --dtype bfloat16 --state-bits 16 --fused-loss --batch-size 1 --seq-len 256"
+            in out)
+
+
+def test_fit_nothing_fits_prints_the_smallest(capsys):
+    assert main(["memory", "--fit", "10GB", "--model", "llama-13b", "--seq", "256"]) == 0
+    out = capsys.readouterr().out
+    assert "nothing fits 10GB: the smallest is 15.20 GB" in out and "*" not in out.split("nothing fits")[0]
+    assert "--rank 320 --layerwise --dtype bfloat16 --state-bits 4 --random-basis regenerate" in out
+
+
+def test_parse_budget():
+    from subspace_optim.memory_estimate import parse_budget
+
+    assert parse_budget("24GB") == 24e9 and parse_budget("22.5GB") == 22.5e9
+    assert parse_budget("24GiB") == parse_budget("24G") == 24 * 2**30 and parse_budget("16g") == 16 * 2**30
+
+
+@pytest.mark.parametrize("budget", ["24", "GB", "24XB", "-1GB", "0GB", "1e3GB", "lots"])
+def test_a_bad_budget_is_one_usage_error_line(capsys, budget):
+    assert main(["memory", f"--fit={budget}"]) == 2  # "=": argparse reads a bare -1GB as an option
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"error: bad memory budget {budget!r}" in err

@@ -171,7 +171,7 @@ def _reproduce(args: argparse.Namespace) -> int:
 
 
 def _add_memory(parser: argparse.ArgumentParser) -> None:
-    from .memory_estimate import ACTIVATION_MODELS, ESTIMATE_OPTIMIZERS, RANDOM_BASES, estimate_models
+    from .memory_estimate import ACTIVATION_MODELS, ESTIMATE_OPTIMIZERS, RANDOM_BASES, WEIGHT_FORMATS, estimate_models
 
     parser.add_argument("--model", default="llama-7b", help="named model: " + ", ".join(estimate_models())
                         + " (default: llama-7b)")
@@ -194,18 +194,76 @@ def _add_memory(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--random-basis", default="keep", choices=RANDOM_BASES, help="golore: keep every random "
                         "basis between steps, or regenerate each from its seed when needed (layer-wise: one held at "
                         "a time; standard: all, inside step() only) (default: keep)")
+    parser.add_argument("--weights", default="dense", choices=WEIGHT_FORMATS, help="dense (every weight in --dtype) "
+                        "or int8 (galore/golore: each projected linear weight as int8 plus a --dtype scale per row, "
+                        "as Q-GaLore and torchao's int8 quantized training; counts its dequantized copy in each "
+                        "matmul as a transient) (default: dense)")
+    parser.add_argument("--fit", metavar="BUDGET", help="instead of one estimate, the GoLore settings that fit "
+                        "BUDGET (24GB, 22.5GB, 24GiB; 16G is GiB) for --model, --batch, --seq and --dtype, the "
+                        "other flags ignored. The knobs are tried by the quality they give up, least first: those "
+                        "that give up none (layer-wise updates, regenerated bases, activation checkpointing: the "
+                        "same updates for more compute, the cheapest first), then a lower rank, then 8- and 4-bit "
+                        "moments, then int8 weights (rounding in every weight). Prints the first settings that fit, "
+                        "their `train` flags, and AdamW's total")
+
+
+def _memory_fit(args: argparse.Namespace) -> int:
+    """`memory --fit BUDGET`: the rows of ``memory_estimate.fit_ladder`` (cheapest in lost quality first) up to
+    the third that fits, the first marked, then its `subspace-optim train` flags and AdamW's total."""
+    from .memory_estimate import estimate, fit_ladder, parse_budget
+
+    try:
+        budget = parse_budget(args.fit)
+    except ValueError as err:
+        raise UsageError(str(err)) from None
+    common = {"batch": args.batch, "seq": args.seq, "dtype": args.dtype}
+    rows = [(c, estimate(args.model, "golore", **common, **c)) for c in fit_ladder(args.model, **common)]
+    fits = [i for i, (_, est) in enumerate(rows) if est["total"] <= budget]
+    print(f"{args.model}, golore, batch {args.batch} x {args.seq} tokens, {args.dtype}: settings within {args.fit} "
+          f"({budget / 1e9:.2f} GB), the cheapest in lost quality first")
+    header = ["", "rank", "moments", "weights", "checkpointing", "layer-wise", "bases", "total GB", "fits"]
+    table = [header]
+    for i, (c, est) in enumerate(rows[:fits[2] + 1] if len(fits) > 2 else rows):
+        table.append(["*" if fits and i == fits[0] else "", str(c["rank"]), f"{c['state_bits']}-bit",
+                      args.dtype if c["weights"] == "dense" else "int8",
+                      "yes" if c["activations"] == "checkpoint" else "no", "yes" if c["layerwise"] else "no",
+                      c["random_basis"], f"{est['total'] / 1e9:.2f}", "yes" if i in fits else "no"])
+    widths = [max(len(row[j]) for row in table) for j in range(len(header))]
+    for row in table:
+        print("  " + "  ".join(cell.rjust(w) if j in (1, 7) else cell.ljust(w)
+                               for j, (cell, w) in enumerate(zip(row, widths))).rstrip())
+    if fits:
+        best = fits[0]
+        print(f"* the cheapest in quality that fits: {rows[best][1]['total'] / 1e9:.2f} GB; train it with:")
+    else:
+        best = min(range(len(rows)), key=lambda i: rows[i][1]["total"])
+        print(f"nothing fits {args.fit}: the smallest is {rows[best][1]['total'] / 1e9:.2f} GB, with:")
+    c = rows[best][0]
+    print(f"  subspace-optim train --model {args.model} --optimizer golore --rank {c['rank']}"
+          + (" --layerwise" if c["layerwise"] else "") + f" --dtype {args.dtype} --state-bits {c['state_bits']}"
+          + (" --random-basis regenerate" if c["random_basis"] == "regenerate" else "")
+          + (" --checkpointing" if c["activations"] == "checkpoint" else "") + " --fused-loss"
+          + (" --weights int8" if c["weights"] == "int8" else "") + f" --batch-size {args.batch} --seq-len {args.seq}")
+    print("  (the estimate still counts the float32 logits, 4·b·s·V bytes, which --fused-loss never stores)")
+    adamw = estimate(args.model, "adamw", activations="checkpoint", **common)
+    print(f"AdamW (full rank, moments in {args.dtype}, activation checkpointing) would need "
+          f"{adamw['total'] / 1e9:.2f} GB for the same batch {args.batch} x {args.seq}.")
+    return 0
 
 
 def _memory(args: argparse.Namespace) -> int:
-    """Print the analytic memory breakdown of training a model (no model is built)."""
+    """Print the analytic memory breakdown of training a model (no model is built), or with --fit the settings
+    that fit a budget (``_memory_fit``)."""
     from .memory_estimate import estimate, estimate_models, format_estimate
 
     if args.model not in estimate_models():
         raise UsageError(f"unknown model {args.model!r}; expected one of {', '.join(estimate_models())}")
+    if args.fit is not None:
+        return _memory_fit(args)
     try:
         est = estimate(args.model, args.optimizer, rank=args.rank, batch=args.batch, seq=args.seq,
                        dtype=args.dtype, layerwise=args.layerwise, activations=args.activations,
-                       state_bits=args.state_bits, random_basis=args.random_basis)
+                       state_bits=args.state_bits, random_basis=args.random_basis, weights=args.weights)
     except ValueError as err:
         raise UsageError(str(err)) from None
     if est["full_rank_weights"]:
@@ -216,7 +274,8 @@ def _memory(args: argparse.Namespace) -> int:
                           f"{', layer-wise' if args.layerwise else ''}, batch {args.batch} x {args.seq} tokens, "
                           f"{args.dtype}, activations: {args.activations}"
                           + (f", {args.state_bits}-bit moments" if args.state_bits != 32 else "")
-                          + (f", random bases: {args.random_basis}" if args.random_basis != "keep" else "")))
+                          + (f", random bases: {args.random_basis}" if args.random_basis != "keep" else "")
+                          + (f", {args.weights} weights" if args.weights != "dense" else "")))
     return 0
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 import resource
 import sys
 from collections.abc import Iterable
+from contextlib import contextmanager
 
 import torch
 from torch import nn
@@ -109,11 +110,77 @@ class SavedActivations:
 
 
 def peak_memory_bytes(device: torch.device) -> int:
-    """Peak allocated memory on a CUDA device, else the process's peak resident set size (RSS)."""
+    """Peak allocated memory on a CUDA device, else the process's peak resident set size (RSS) since it started
+    or since the last ``reset_peak`` (Linux)."""
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device)
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return peak if sys.platform == "darwin" else peak * 1024  # Linux reports KiB, macOS bytes
+
+
+def resident_bytes(device: torch.device) -> int:
+    """Memory in use now: allocated on a CUDA device, else the process's resident set size (RSS)."""
+    if device.type == "cuda":
+        return torch.cuda.memory_allocated(device)
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * resource.getpagesize()
+    except OSError:  # not Linux: the peak is the best we know
+        return peak_memory_bytes(device)
+
+
+def reset_peak(device: torch.device) -> bool:
+    """Restart the peak that ``peak_memory_bytes`` reports from the memory in use now; False where the platform
+    cannot (then phase peaks are the run's peak so far). Linux resets the RSS high-water mark through
+    /proc/self/clear_refs ("5"), which getrusage's ru_maxrss follows."""
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+        return True
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+class PhasePeaks:
+    """The peak memory of each phase of a run (build, forward, backward, step, evaluation, checkpoint, ...) and
+    the memory in use when it began, so a report can say in which phase the run peaks and how much of that peak
+    was held before the phase (weights, state, ...) and how much the phase itself allocated (its transients).
+
+    ``with peaks.phase("backward"): ...``; a phase entered again keeps its largest peak. ``peak`` is the run's
+    peak over every phase and the time between them."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.phases: dict[str, dict] = {}  # name -> {"peak": bytes, "start": bytes in use when that peak's phase began}
+        self.peak = peak_memory_bytes(device)
+
+    def mark(self, name: str) -> int:
+        """Record the memory in use now under ``name`` (a point, not a phase) and return it."""
+        now = resident_bytes(self.device)
+        self.phases.setdefault(name, {"peak": now, "start": now})
+        return now
+
+    @contextmanager
+    def phase(self, name: str):
+        self.peak = max(self.peak, peak_memory_bytes(self.device))  # what happened since the last phase
+        resettable = reset_peak(self.device)
+        start = resident_bytes(self.device)
+        try:
+            yield
+        finally:
+            peak = peak_memory_bytes(self.device)
+            self.peak = max(self.peak, peak)
+            if not resettable:
+                peak = max(start, resident_bytes(self.device))  # ru_maxrss is the run's: the phase's own is unknown
+            if peak > self.phases.get(name, {"peak": -1})["peak"]:
+                self.phases[name] = {"peak": peak, "start": start}
+
+    def where(self) -> str:
+        """The phase with the highest peak."""
+        return max(self.phases, key=lambda n: self.phases[n]["peak"])
 
 
 def human(n: float) -> str:

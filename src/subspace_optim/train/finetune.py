@@ -32,7 +32,7 @@ def classify_task(cfg: TrainConfig) -> Task:
     train, val = split(list(zip(texts, labels)), cfg.val_fraction, text=lambda pair: pair[0])
     if cfg.eval_batches:
         val = evaluation_subset(val, cfg.eval_batches * cfg.batch_size)
-    model, tokenizer = build_classifier(cfg.model, len(names))
+    model, tokenizer = build_classifier(cfg.model, len(names), cfg.dtype)
     limit = getattr(model.config, "max_position_embeddings", None)
     if limit is not None and cfg.seq_len > limit:
         raise UsageError(f"--seq-len {cfg.seq_len} is longer than {cfg.model} allows ({limit} positions)")

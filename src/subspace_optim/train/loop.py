@@ -13,8 +13,8 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from ..memory import (SavedActivations, format_report, gradient_bytes, human, optimizer_state_bytes,
-                      peak_memory_bytes, weight_bytes)
+from ..memory import (PhasePeaks, SavedActivations, format_report, gradient_bytes, human, optimizer_state_bytes,
+                      weight_bytes)
 from ..optimizer import SubspaceOptimizer
 from . import checkpoint, parallel
 from .config import TrainConfig, UsageError, load_config, resolve, save_config
@@ -95,15 +95,19 @@ def _train(cfg: TrainConfig, method, run_dir: Path, resume_from: Path | None, pa
     # Everything that can reject the user's input happens here, before the run folder is touched.
     torch.manual_seed(cfg.seed)
     random.seed(cfg.seed)
-    task = TASKS[cfg.task](cfg)
-    if cfg.checkpointing:
-        enable_checkpointing(task.model)
-    if method.rank:
-        cfg.rank = rank_for(cfg, task.model)
-    model = to_device(task.model, device, cfg.dtype)
-    if par.mode == "fsdp2":  # shard first: the optimizer must hold (and key its state by) the sharded parameters
-        model = par.wrap(model)
-    setup = method.build(cfg, model)
+    peaks = PhasePeaks(device)  # where the run's memory goes, phase by phase (the report's breakdown)
+    peaks.mark("runtime")
+    with peaks.phase("data and model"):
+        task = TASKS[cfg.task](cfg)
+        if cfg.checkpointing:
+            enable_checkpointing(task.model)
+        if method.rank:
+            cfg.rank = rank_for(cfg, task.model)
+        model = to_device(task.model, device, cfg.dtype)
+        if par.mode == "fsdp2":  # shard first: the optimizer must hold (and key its state by) the sharded parameters
+            model = par.wrap(model)
+    with peaks.phase("optimizer"):
+        setup = method.build(cfg, model)
     model, optimizer = setup.model, setup.optimizer
     if isinstance(optimizer, SubspaceOptimizer):
         optimizer.process_group = par.optimizer_group  # DDP: each SVD refresh on one rank, broadcast
@@ -115,8 +119,9 @@ def _train(cfg: TrainConfig, method, run_dir: Path, resume_from: Path | None, pa
 
     start, progress = 0, {"tokens": 0, "train_time": 0.0}
     if resume_from is not None:
-        restored = checkpoint.load(resume_from, model, optimizer, scheduler, task.batches, identity, device,
-                                   sharded=par.mode == "fsdp2")
+        with peaks.phase("resume"):
+            restored = checkpoint.load(resume_from, model, optimizer, scheduler, task.batches, identity, device,
+                                       sharded=par.mode == "fsdp2")
         start, progress = restored["step"], restored["progress"]
         # A larger --steps stretches the schedule: recompute the current lr from the new horizon (a no-op
         # otherwise), and GoLore@x% switches at its share of the extended run.
@@ -140,6 +145,7 @@ def _train(cfg: TrainConfig, method, run_dir: Path, resume_from: Path | None, pa
         + ", ".join(f"{k} {v}" for k, v in task.info.items() if isinstance(v, int)) + f"; run folder {run_dir}")
 
     memory = {"device": device.type, "weights_bytes": weight_bytes(model)}
+    peaks.mark("training starts")
     bar = tqdm(total=cfg.steps, initial=start, unit="step", dynamic_ncols=True,
                disable=cfg.quiet or not par.main or not sys.stderr.isatty())
     model.train()
@@ -151,33 +157,36 @@ def _train(cfg: TrainConfig, method, run_dir: Path, resume_from: Path | None, pa
             batch = {k: v.to(device) for k, v in par.share(next(task.batches)).items()}
             # activations: what autograd saves during one forward (measured once, on the first micro-batch)
             measure = "activations_bytes" not in memory
-            with SavedActivations(model) if measure else nullcontext() as meter:
+            with peaks.phase("forward"), SavedActivations(model) if measure else nullcontext() as meter:
                 loss = task.loss(trained, batch) / cfg.grad_accum
             if measure:
                 meter.add_held(loss)
                 memory["activations_bytes"] = meter.bytes
-            loss.backward()
+            with peaks.phase("backward"):  # layer-wise: the updates too
+                loss.backward()
             loss_sum += loss.item()
             tokens += par.total(task.tokens(batch))
         loss_sum = par.mean(loss_sum)
         memory.setdefault("gradients_bytes", gradient_bytes(model))
-        if cfg.clip:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.clip)
         lr = scheduler.get_last_lr()[0]
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
-        if setup.after_step is not None:
-            setup.after_step(step)
+        with peaks.phase("step"):
+            if cfg.clip:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.clip)
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            if setup.after_step is not None:
+                setup.after_step(step)
         elapsed = time.perf_counter() - t0
         progress["tokens"] += tokens
         progress["train_time"] += elapsed
 
         row = {"step": step, "tokens": progress["tokens"], "loss": loss_sum, "lr": lr,
-               "tokens_per_s": tokens / elapsed, "peak_memory_bytes": peak_memory_bytes(device)}
+               "tokens_per_s": tokens / elapsed, "peak_memory_bytes": peaks.peak}
         if (cfg.eval_every and step % cfg.eval_every == 0) or step == cfg.steps:
             model.eval()
-            row.update(task.evaluate(trained))
+            with peaks.phase("evaluation"):
+                row.update(task.evaluate(trained))
             model.train()
             say(f"step {step}: " + ", ".join(f"{k} {row[k]:.4g}" for k in task.summary_keys))
         log.write(row)
@@ -185,13 +194,17 @@ def _train(cfg: TrainConfig, method, run_dir: Path, resume_from: Path | None, pa
                          "peak mem": human(row["peak_memory_bytes"])})
         bar.update()
         if (cfg.save_every and step % cfg.save_every == 0) or step == cfg.steps:
-            checkpoint.save(run_dir, step, model, optimizer, scheduler, task.batches, progress, identity, par,
-                            keep=cfg.keep_checkpoints)
+            with peaks.phase("checkpoint"):
+                checkpoint.save(run_dir, step, model, optimizer, scheduler, task.batches, progress, identity, par,
+                                keep=cfg.keep_checkpoints)
     bar.close()
     log.close()
 
     memory["optimizer_state_bytes"] = optimizer_state_bytes(optimizer)
-    memory["peak_memory_bytes"] = peak_memory_bytes(device)
+    with peaks.phase("end"):
+        pass
+    memory["peak_memory_bytes"] = peaks.peak
+    memory["phases"] = peaks.phases
     summary = {
         **{key: row[name] for name, key in task.summary_keys.items()},
         "peak_memory_bytes": memory["peak_memory_bytes"],

@@ -13,7 +13,7 @@ from .config import UsageError
 from .data import package_path
 
 # hidden, intermediate, layers, heads as in GaLore's configs/llama_*.json (vocab 32000, silu, rms_norm_eps 1e-6);
-# llama-tiny (1.2M non-embedding parameters) and llama-small (14.2M) are ours, sized for CPU runs; llama-study
+# llama-13b is LLaMA's; llama-tiny (1.2M non-embedding parameters) and llama-small (14.2M) are ours, sized for CPU runs; llama-study
 # (4.7M in its linear layers) is the pretraining study's: with its 2k-token BPE (--tokenizer bpe:2048) 82% of its
 # parameters are in the linear layers that the subspace methods project, against 13% for llama-tiny with 32k tokens.
 LLAMA_SIZES = {
@@ -25,8 +25,9 @@ LLAMA_SIZES = {
     "llama-350m": (1024, 2736, 24, 16),
     "llama-1b": (2048, 5461, 24, 32),
     "llama-7b": (4096, 11008, 32, 32),
+    "llama-13b": (5120, 13824, 40, 40),  # LLaMA-13B (Touvron et al. 2023, Table 2)
 }
-MAX_POSITIONS = {"llama-7b": 2048}  # GaLore's max_sequence_length; 1024 for the others
+MAX_POSITIONS = {"llama-7b": 2048, "llama-13b": 2048}  # GaLore's max_sequence_length; 1024 for the others
 
 
 def default_rank(hidden_size: int | None) -> int:
@@ -68,10 +69,14 @@ def max_positions(config) -> int | None:
     return getattr(config, "max_position_embeddings", None)
 
 
-def build_causal_lm(config) -> nn.Module:
+def build_causal_lm(config, dtype: str = "float32") -> nn.Module:
+    """A freshly initialized causal LM whose parameters are created in ``dtype`` (torch's name): HF allocates
+    and initializes each tensor in that dtype (the same distributions, normal(0, initializer_range) etc., drawn
+    at 16 bits), so no float32 copy of the model ever exists. LLaMA-7B in bfloat16 peaks at its 13.5 GB instead
+    of 27 GB built in float32 and then cast. float32 builds are bitwise what they were."""
     from transformers import AutoModelForCausalLM
 
-    return AutoModelForCausalLM.from_config(config)
+    return AutoModelForCausalLM.from_config(config, dtype=getattr(torch, dtype))
 
 
 def classifier_dir(name: str) -> Path:
@@ -82,8 +87,9 @@ def classifier_dir(name: str) -> Path:
     return path
 
 
-def build_classifier(name: str, num_labels: int):
-    """(model, tokenizer) of a local checkpoint with a fresh classification head of ``num_labels`` classes."""
+def build_classifier(name: str, num_labels: int, dtype: str = "float32"):
+    """(model, tokenizer) of a local checkpoint with a fresh classification head of ``num_labels`` classes, its
+    weights loaded in ``dtype`` (no float32 copy of a 16-bit model)."""
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
     from transformers.utils import logging
 
@@ -92,7 +98,8 @@ def build_classifier(name: str, num_labels: int):
     logging.set_verbosity_error()  # the "newly initialized classifier weights" warning is expected here
     logging.disable_progress_bar()  # a loading bar would clutter the run's own output
     try:
-        model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=num_labels)
+        model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=num_labels,
+                                                                   dtype=getattr(torch, dtype))
         tokenizer = AutoTokenizer.from_pretrained(path)
     except (OSError, ValueError) as err:
         raise UsageError(f"--model {name}: cannot load the checkpoint ({err})") from None

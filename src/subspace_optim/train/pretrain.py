@@ -71,7 +71,7 @@ def lm_task(cfg: TrainConfig) -> Task:
     info["val_sequences"] = len(val)
     info.update(tokenizer_info)
 
-    model = build_causal_lm(config)
+    model = build_causal_lm(config, cfg.dtype)
     info.update(count_parameters(model))
     if cfg.fused_loss:
         try:
