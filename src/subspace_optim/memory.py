@@ -14,20 +14,31 @@ import torch
 from torch import nn
 
 
+def leaves(t: torch.Tensor):
+    """The plain tensors that hold ``t``: itself, a DTensor's local shard, or the inner tensors of a wrapper
+    subclass (torchao's int8 weights: codes and row scales; its quantized optimizer states)."""
+    flatten = getattr(t, "__tensor_flatten__", None)
+    if flatten is not None:
+        for name in flatten()[0]:
+            yield from leaves(getattr(t, name))
+    else:
+        yield t
+
+
 def tensor_bytes(tensors: Iterable[torch.Tensor], exclude: set[int] = frozenset()) -> int:
     """Bytes of the storages behind ``tensors``, each storage once (views and tied weights share one)."""
     seen: dict[int, int] = {}
     for t in tensors:
         if isinstance(t, torch.Tensor) and t.device.type != "meta":
-            t = t.to_local() if hasattr(t, "to_local") else t  # a DTensor: this process's shard
-            storage = t.untyped_storage()
-            if storage.data_ptr() not in exclude:
-                seen[storage.data_ptr()] = storage.nbytes()
+            for leaf in leaves(t):
+                storage = leaf.untyped_storage()
+                if storage.data_ptr() not in exclude:
+                    seen[storage.data_ptr()] = storage.nbytes()
     return sum(seen.values())
 
 
 def storage_ids(tensors: Iterable[torch.Tensor]) -> set[int]:
-    return {(t.to_local() if hasattr(t, "to_local") else t).untyped_storage().data_ptr() for t in tensors}
+    return {leaf.untyped_storage().data_ptr() for t in tensors for leaf in leaves(t)}
 
 
 def weight_bytes(model: nn.Module) -> int:
@@ -42,12 +53,8 @@ def state_tensors(value):
     """Tensors in a state value: tensors, dicts of them, and objects holding them (galore-torch keeps its
     projection matrix in a Python object in the state). A wrapper tensor (a DTensor, torchao's quantized optimizer
     states) counts as the tensors it holds: codes, scales and lookup table."""
-    flatten = getattr(value, "__tensor_flatten__", None)
-    if isinstance(value, torch.Tensor) and flatten is not None:
-        for name in flatten()[0]:
-            yield from state_tensors(getattr(value, name))
-    elif isinstance(value, torch.Tensor):
-        yield value
+    if isinstance(value, torch.Tensor):
+        yield from leaves(value)
     elif isinstance(value, dict):
         for v in value.values():
             yield from state_tensors(v)
@@ -76,9 +83,10 @@ class SavedActivations:
 
     def _pack(self, t: torch.Tensor) -> torch.Tensor:
         if t.device.type != "meta":
-            storage = t.untyped_storage()
-            if storage.data_ptr() not in self._params:
-                self._saved[storage.data_ptr()] = storage.nbytes()
+            for leaf in leaves(t):
+                storage = leaf.untyped_storage()
+                if storage.data_ptr() not in self._params:
+                    self._saved[storage.data_ptr()] = storage.nbytes()
         return t
 
     def add_held(self, output: torch.Tensor) -> None:
