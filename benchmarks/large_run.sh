@@ -6,12 +6,12 @@ set -euo pipefail
 out=$1; steps=$2; shift 2
 cli=${SUBSPACE_OPTIM:-.venv/bin/subspace-optim}
 rm -rf "$out" "$out-resumed"; mkdir -p "$(dirname "$out")"
-/usr/bin/time -v "$cli" train "$@" --steps $((steps + 1)) --save-every "$steps" --keep-checkpoints 2 \
+/usr/bin/time -v $cli train "$@" --steps $((steps + 1)) --save-every "$steps" --keep-checkpoints 2 \
     --eval-every 0 --out "$out" 2> >(tee "$out.time" >&2)
 # the resumed run starts from a copy of the run folder without its last checkpoint (hard links: no bytes copied)
 cp -al "$out" "$out-resumed"
 rm -rf "$out-resumed/checkpoints/step_$(printf %08d $((steps + 1)))"
-/usr/bin/time -v "$cli" train --resume "$out-resumed" 2> >(tee "$out-resumed.time" >&2)
+/usr/bin/time -v $cli train --resume "$out-resumed" 2> >(tee "$out-resumed.time" >&2)
 "${PYTHON:-.venv/bin/python}" - "$out" "$out-resumed" $((steps + 1)) <<'PY'
 import sys, torch
 from safetensors import safe_open
