@@ -43,11 +43,13 @@ def bf16_stochastic_round(x: Tensor) -> Tensor:
 
 def quantize_rows(x: Tensor, scale_dtype: torch.dtype) -> tuple[Tensor, Tensor]:
     """float32 rows -> (int8 codes, one scale per row in ``scale_dtype``), codes stochastically rounded against the
-    stored scale: E[codes · scale] = x (but where |x| / scale rounds past 127, at most the row's largest entry)."""
-    scale = (x.abs().amax(1) / 127).to(scale_dtype)
+    stored scale: E[codes · scale] = x. The scale is max |x| / 127 widened by 2^-8 before it is rounded to
+    ``scale_dtype`` (bf16 rounds by at most 2^-9), so that no |x| / scale exceeds 127 and nothing is clipped."""
+    widen = 1.0 + torch.finfo(scale_dtype).eps if scale_dtype != torch.float32 else 1.0
+    scale = (x.abs().amax(1) * (widen / 127)).to(scale_dtype)
     inverse = 1.0 / scale.float().clamp_min(1e-12)
     scaled = x * inverse[:, None]
-    codes = (scaled + torch.rand_like(scaled)).floor_().clamp_(-128, 127).to(torch.int8)
+    codes = (scaled + torch.rand_like(scaled)).floor_().clamp_(-127, 127).to(torch.int8)
     return codes, scale
 
 
