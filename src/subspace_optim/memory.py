@@ -197,12 +197,12 @@ class PhasePeaks:
         try:
             yield
         finally:
-            peak = peak_memory_bytes(self.device)
+            peak, end = peak_memory_bytes(self.device), resident_bytes(self.device)
             self.peak = max(self.peak, peak)
             if not resettable:
-                peak = max(start, resident_bytes(self.device))  # ru_maxrss is the run's: the phase's own is unknown
+                peak = max(start, end)  # ru_maxrss is the run's: the phase's own is unknown
             if peak > self.phases.get(name, {"peak": -1})["peak"]:
-                self.phases[name] = {"peak": peak, "start": start}
+                self.phases[name] = {"peak": peak, "start": start, "end": end}
 
     def where(self) -> str:
         """The phase with the highest peak."""
@@ -216,15 +216,46 @@ def human(n: float) -> str:
         n /= 1024
 
 
+def breakdown(memory: dict) -> list[tuple[str, int]]:
+    """The peak, attributed: (row, bytes) whose sum is the peak exactly.
+
+    What was held when the peak's phase began, from the phases the run recorded (``PhasePeaks``): the runtime
+    (Python, torch and the libraries, resident when the run began), the data and tokenizer (what building the task
+    kept beyond the weights), the weights, the optimizer state, and the saved activations where the peak came in
+    backward (they are held from the forward on); what no row names is "held, unattributed". Then what the peak's
+    phase allocated above that (the transients: a layer-wise update's upcast gradient and decoded moments,
+    checkpointing's recomputed layer, the loss's chunks, ...). Without phases (an old run): the four totals."""
+    phases = memory.get("phases") or {}
+    rows = [("weights", memory["weights_bytes"]), ("optimizer state", memory["optimizer_state_bytes"])]
+    if "data and model" not in phases or "runtime" not in phases:
+        return rows + [("gradients", memory["gradients_bytes"]),
+                       ("activations (saved for backward, one micro-batch)", memory["activations_bytes"])]
+    where = max((n for n in phases if "end" in phases[n]), key=lambda n: phases[n]["peak"])  # marks have no end
+    build = phases["data and model"]
+    rows = [("runtime (Python, torch, libraries)", phases["runtime"]["start"]),
+            ("data and tokenizer", build["end"] - build["start"] - memory["weights_bytes"])] + rows
+    if where == "backward":  # held from the forward on
+        rows.append(("activations (saved for backward, one micro-batch)", memory["activations_bytes"]))
+    if where == "step":  # held from the backward on
+        rows.append(("gradients", memory["gradients_bytes"]))
+    held = phases[where]["start"]
+    rows.append(("held, unattributed", held - sum(b for _, b in rows)))
+    rows.append((f"transients of the peak's phase ({where})", phases[where]["peak"] - held))
+    if memory["peak_memory_bytes"] > phases[where]["peak"]:
+        rows.append(("between phases", memory["peak_memory_bytes"] - phases[where]["peak"]))
+    return rows
+
+
 def format_report(memory: dict) -> str:
-    """The memory table printed at the end of a run (``memory`` as stored in summary.json)."""
+    """The memory table printed at the end of a run (``memory`` as stored in summary.json): the peak attributed
+    (``breakdown``), then the gradients' and activations' totals where they are not rows of it."""
     peak_kind = "GPU max allocated" if memory.get("device") == "cuda" else "process peak RSS"
-    rows = [
-        ("weights", memory["weights_bytes"]),
-        ("gradients", memory["gradients_bytes"]),
-        ("optimizer state", memory["optimizer_state_bytes"]),
-        ("activations (saved for backward, one micro-batch)", memory["activations_bytes"]),
-        (f"peak ({peak_kind})", memory["peak_memory_bytes"]),
-    ]
-    width = max(len(name) for name, _ in rows)
-    return "\n".join(["memory (measured):"] + [f"  {name:<{width}}  {human(value):>10}" for name, value in rows])
+    rows = breakdown(memory)
+    named = {name.split(" (")[0] for name, _ in rows}
+    rows += [(f"peak ({peak_kind})", memory["peak_memory_bytes"])]
+    notes = [(f"  {name} (not at the peak's start)", value) for name, value in
+             (("gradients", memory["gradients_bytes"]), ("activations", memory["activations_bytes"]))
+             if name not in named]
+    width = max(len(name) for name, _ in rows + notes)
+    return "\n".join(["memory (measured):"] + [f"  {name:<{width}}  {human(value):>10}" for name, value in rows]
+                     + [f"  {name:<{width}}  {human(value):>10}" for name, value in notes])
