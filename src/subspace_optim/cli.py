@@ -198,6 +198,14 @@ def _add_memory(parser: argparse.ArgumentParser) -> None:
                         "or int8 (galore/golore: each projected linear weight as int8 plus a --dtype scale per row, "
                         "as Q-GaLore and torchao's int8 quantized training; counts its dequantized copy in each "
                         "matmul as a transient) (default: dense)")
+    parser.add_argument("--fused-loss", action="store_true", help="the training uses --fused-loss: no float32 "
+                        "logits; lm_head's weight gradient and one chunk's logits instead")
+    parser.add_argument("--weight-rounding", default="nearest", choices=("nearest", "stochastic"),
+                        help="as `train`'s: stochastic adds a dense tensor's direction buffer to the update's "
+                        "transients (default: nearest)")
+    parser.add_argument("--host", action="store_true", help="add what a CPU training process holds beyond its "
+                        "tensors (Python, torch, libraries, data: measured here), to compare with a CPU run's "
+                        "peak RSS; a GPU's peak has none of it")
     parser.add_argument("--fit", metavar="BUDGET", help="instead of one estimate, the GoLore settings that fit "
                         "BUDGET (24GB, 22.5GB, 24GiB; 16G is GiB) for --model, --batch, --seq and --dtype, the "
                         "other flags ignored. The knobs are tried by the quality they give up, least first: those "
@@ -216,8 +224,9 @@ def _memory_fit(args: argparse.Namespace) -> int:
         budget = parse_budget(args.fit)
     except ValueError as err:
         raise UsageError(str(err)) from None
-    common = {"batch": args.batch, "seq": args.seq, "dtype": args.dtype}
-    rows = [(c, estimate(args.model, "golore", **common, **c)) for c in fit_ladder(args.model, **common)]
+    common = {"batch": args.batch, "seq": args.seq, "dtype": args.dtype, "fused_loss": True, "host": args.host}
+    ladder = fit_ladder(args.model, batch=args.batch, seq=args.seq, dtype=args.dtype)
+    rows = [(c, estimate(args.model, "golore", **common, **c)) for c in ladder]
     fits = [i for i, (_, est) in enumerate(rows) if est["total"] <= budget]
     print(f"{args.model}, golore, batch {args.batch} x {args.seq} tokens, {args.dtype}: settings within {args.fit} "
           f"({budget / 1e9:.2f} GB), the cheapest in lost quality first")
@@ -244,7 +253,6 @@ def _memory_fit(args: argparse.Namespace) -> int:
           + (" --random-basis regenerate" if c["random_basis"] == "regenerate" else "")
           + (" --checkpointing" if c["activations"] == "checkpoint" else "") + " --fused-loss"
           + (" --weights int8" if c["weights"] == "int8" else "") + f" --batch-size {args.batch} --seq-len {args.seq}")
-    print("  (the estimate still counts the float32 logits, 4·b·s·V bytes, which --fused-loss never stores)")
     adamw = estimate(args.model, "adamw", activations="checkpoint", **common)
     print(f"AdamW (full rank, moments in {args.dtype}, activation checkpointing) would need "
           f"{adamw['total'] / 1e9:.2f} GB for the same batch {args.batch} x {args.seq}.")
@@ -263,7 +271,8 @@ def _memory(args: argparse.Namespace) -> int:
     try:
         est = estimate(args.model, args.optimizer, rank=args.rank, batch=args.batch, seq=args.seq,
                        dtype=args.dtype, layerwise=args.layerwise, activations=args.activations,
-                       state_bits=args.state_bits, random_basis=args.random_basis, weights=args.weights)
+                       state_bits=args.state_bits, random_basis=args.random_basis, weights=args.weights,
+                       fused_loss=args.fused_loss, weight_rounding=args.weight_rounding, host=args.host)
     except ValueError as err:
         raise UsageError(str(err)) from None
     if est["full_rank_weights"]:

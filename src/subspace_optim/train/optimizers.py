@@ -41,7 +41,7 @@ class Method:
     flags: tuple[str, ...] = ()  # config fields that only this method takes (e.g. rso_eta)
     state_bits: bool = True  # takes --state-bits (ours; torch's AdamW and galore-torch hold float32 moments)
     random_basis: bool = True  # takes --random-basis regenerate (ours, with projected weights)
-    int8: bool = True  # takes --weights int8 (ours, on the weights it projects)
+    subspace: bool = True  # our optimizer projecting weights: takes --weights int8 and --projection-dtype
     weight_rounding: bool = True  # takes --weight-rounding stochastic (ours)
 
 
@@ -75,7 +75,7 @@ def _ours(cfg: TrainConfig, model: nn.Module, params, **settings) -> Setup:
     optimizer = _rule_class(cfg.rule)(
         params, lr=cfg.lr, weight_decay=cfg.weight_decay, update_gap=cfg.update_gap, scale=cfg.scale,
         seed=cfg.seed, layerwise=cfg.layerwise, state_bits=cfg.state_bits, random_basis=cfg.random_basis,
-        weight_rounding=cfg.weight_rounding, **extra, **settings,
+        weight_rounding=cfg.weight_rounding, projection_dtype=cfg.projection_dtype, **extra, **settings,
         # the hooks must know when a step's micro-batches are in; otherwise autograd sums them into .grad
         accumulation_steps=cfg.grad_accum if cfg.layerwise else 1)
     return Setup(model, optimizer)
@@ -146,12 +146,12 @@ def _galore_torch(cfg: TrainConfig, model: nn.Module) -> Setup:
 OPTIMIZERS: dict[str, Method] = {
     "adamw": Method("plain torch.optim.AdamW over every parameter: the baseline", _adamw, rules=("adamw",),
                     layerwise=False, rank=False, side=False, moments=(), state_bits=False, random_basis=False,
-                    int8=False, weight_rounding=False),
+                    subspace=False, weight_rounding=False),
     "full": Method("our optimizer with every parameter dense: the full-rank baseline of any --rule", _full,
-                   rank=False, side=False, moments=(), random_basis=False, int8=False),
+                   rank=False, side=False, moments=(), random_basis=False, subspace=False),
     "full-scaled": Method("like full, but the linear weights that the projected methods project step at --lr x "
                           "--scale (the rest at --lr): the full-rank baseline at their step sizes", _full_scaled,
-                          rank=False, side=False, moments=(), random_basis=False, int8=False),
+                          rank=False, side=False, moments=(), random_basis=False, subspace=False),
     "galore": Method("projector galore: top-r singular vectors of the gradient, refreshed every --update-gap "
                      "steps", _projector("galore"), random_basis=False),
     "golore": Method("projector golore: a uniformly random orthonormal basis", _projector("golore")),
@@ -162,10 +162,10 @@ OPTIMIZERS: dict[str, Method] = {
                    "GoLore", _projector("auto")),
     "rso": Method("RSO layers: targeted linear layers train B in W + B P (B at --lr x --scale), merged every "
                   "--update-gap steps", _rso, layerwise=False, side=False, moments=("reset", "project"),
-                  default_moments="reset", flags=("rso_eta",), random_basis=False, int8=False),
+                  default_moments="reset", flags=("rso_eta",), random_basis=False, subspace=False),
     "galore-torch": Method("the GaLore authors' GaLoreAdamW (pip install galore-torch bitsandbytes) on the same "
                            "groups; cannot be resumed", _galore_torch, rules=("adamw",), layerwise=False,
-                           moments=(), state_bits=False, random_basis=False, int8=False,
+                           moments=(), state_bits=False, random_basis=False, subspace=False,
                            weight_rounding=False),
 }
 
@@ -208,9 +208,12 @@ def check_method(cfg: TrainConfig) -> Method:
     if cfg.random_basis != "keep" and not method.random_basis:
         raise UsageError(f"--random-basis {cfg.random_basis}: --optimizer {name} has no random bases; use a projected "
                          "one (golore, golore@X, auto)")
-    if cfg.weights == "int8" and not method.int8:
+    if cfg.weights == "int8" and not method.subspace:
         raise UsageError(f"--weights int8: --optimizer {name} does not hold its weights as int8; use a projected "
                          "one of ours (galore, golore, golore@X, online_pca, auto)")
+    if cfg.projection_dtype != "float32" and not method.subspace:
+        raise UsageError(f"--projection-dtype {cfg.projection_dtype}: --optimizer {name} computes no projections "
+                         "of ours; use galore, golore, golore@X, online_pca or auto")
     if cfg.weight_rounding != "nearest" and not method.weight_rounding:
         raise UsageError(f"--weight-rounding {cfg.weight_rounding}: --optimizer {name} rounds to nearest; use one "
                          "of ours (e.g. full for a dense baseline)")
