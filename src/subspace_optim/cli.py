@@ -203,6 +203,9 @@ def _add_memory(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--weight-rounding", default="nearest", choices=("nearest", "stochastic"),
                         help="as `train`'s: stochastic adds a dense tensor's direction buffer to the update's "
                         "transients (default: nearest)")
+    parser.add_argument("--projection-dtype", default="float32", choices=("float32", "bfloat16"),
+                        help="as `train`'s: float32 projections of a bf16 weight hold a float32 copy of its gradient "
+                        "during its update (default: float32)")
     parser.add_argument("--host", action="store_true", help="add what a CPU training process holds beyond its "
                         "tensors (Python, torch, libraries, data: measured here), to compare with a CPU run's "
                         "peak RSS; a GPU's peak has none of it")
@@ -272,7 +275,8 @@ def _memory(args: argparse.Namespace) -> int:
         est = estimate(args.model, args.optimizer, rank=args.rank, batch=args.batch, seq=args.seq,
                        dtype=args.dtype, layerwise=args.layerwise, activations=args.activations,
                        state_bits=args.state_bits, random_basis=args.random_basis, weights=args.weights,
-                       fused_loss=args.fused_loss, weight_rounding=args.weight_rounding, host=args.host)
+                       fused_loss=args.fused_loss, weight_rounding=args.weight_rounding,
+                       projection_dtype=args.projection_dtype, host=args.host)
     except ValueError as err:
         raise UsageError(str(err)) from None
     if est["full_rank_weights"]:

@@ -121,14 +121,14 @@ WRITE_BACK_BYTES = 4 << 22
 
 
 def update_transient(shapes: list[tuple[int, int]], dense: list[int], rank: int | None, nbytes: int,
-                     state_bits: int, int8: bool, rounding: str) -> int:
+                     state_bits: int, int8: bool, rounding: str, upcast: bool = True) -> int:
     """Bytes alive beside the held tensors while the largest single update runs (one weight at a time, layer-wise
     or in step()): for a projected m x n weight (D = max(m, n)) G upcast to float32 for R = Pᵀ G (when --dtype is
-    narrower), R, the rule's float32 direction and, below 32 bits, its two decoded moments (r x D float32 each),
+    narrower and ``upcast``: float32 projections), R, the rule's float32 direction and, below 32 bits, its two decoded moments (r x D float32 each),
     and the float32 write-back block; for a dense tensor of n numbers, its two moments decoded to --dtype (below 32
     bits) and, when rounded stochastically or into int8, the rule's direction buffer and the write-back block."""
     low = state_bits < 32
-    projected = [(m * n * 4 if nbytes < 4 else 0) + rank * max(m, n) * 4 * (2 + 2 * low)
+    projected = [(m * n * 4 if nbytes < 4 and upcast else 0) + rank * max(m, n) * 4 * (2 + 2 * low)
                  + (WRITE_BACK_BYTES if nbytes < 4 or int8 else 0) for m, n in shapes] if rank else []
     exact = rounding == "stochastic" and nbytes == 2
     full = [n * nbytes * 2 * low + (n * nbytes + WRITE_BACK_BYTES if exact else 0) for n in dense]
@@ -138,7 +138,7 @@ def update_transient(shapes: list[tuple[int, int]], dense: list[int], rank: int 
 def estimate(model: str | ArchSpec, optimizer: str = "adamw", *, rank: int | None = None, batch: int = 1,
              seq: int = 2048, dtype: str = "bf16", layerwise: bool = False, activations: str = "full",
              state_bits: int = 32, random_basis: str = "keep", weights: str = "dense", fused_loss: bool = False,
-             weight_rounding: str = "nearest", host: bool = False) -> dict:
+             weight_rounding: str = "nearest", projection_dtype: str = "float32", host: bool = False) -> dict:
     """Bytes of each part of training ``model`` with Adam-type ``optimizer``; keys as in ``format_estimate``.
 
     adamw: 2 moments per parameter. galore/golore: 2·r·max(m, n) moments and an r x min(m, n) basis per
@@ -219,7 +219,7 @@ def estimate(model: str | ArchSpec, optimizer: str = "adamw", *, rank: int | Non
     update = update_transient(low if optimizer in ("galore", "golore") else [], spec.dense_tensors()
                               + [n for n in narrow] + ([m * n for m, n in shapes] if optimizer == "adamw" else []),
                               rank if optimizer in ("galore", "golore") else None, nbytes, state_bits, bool(int8),
-                              weight_rounding)
+                              weight_rounding, upcast=dtype_name(projection_dtype) == "float32")
     parts = {"weights": weight_bytes, "gradients": gradients * nbytes, "optimizer_state": moments,
              "counters": 4 * len(stepped), "projection": bases * nbytes, "activations": act,
              "transients": max(dequantized, update), "host": HOST_BYTES if host else 0}
