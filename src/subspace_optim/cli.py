@@ -112,6 +112,8 @@ def _add_reproduce(parser: argparse.ArgumentParser) -> None:
                         "each a process with one thread (default: 1)")
     parser.add_argument("--methods", metavar="A,B", help="pretrain only: start only these methods' runs (e.g. "
                         "adamw,galore); the report still shows every stored run")
+    parser.add_argument("--large", action="store_true", help="memory only: train LLaMA-7B and 13B here and measure "
+                        "their peaks (tens of minutes each, about 20 GiB; writes memory-large.md)")
 
 
 def _is_full(args: argparse.Namespace, name: str) -> bool:
@@ -148,21 +150,24 @@ def _reproduce(args: argparse.Namespace) -> int:
                          "least 1")
     if args.methods is not None and args.name != "pretrain":
         raise UsageError(f"--methods {args.methods}: pretrain only")
+    if args.large and (args.name != "memory" or args.quick):
+        raise UsageError("--large: memory only, and not with --quick")
     flags = []
-    for key in ("quick", "out", "runs", "scale", "max_runs", "jobs", "methods", "dry_run"):
+    for key in ("quick", "out", "runs", "scale", "max_runs", "jobs", "methods", "large", "dry_run"):
         value = getattr(args, key)
         if value is not None and value is not False and value != _REPRODUCE_DEFAULTS.get(key):  # --max-runs 0 too
             flags += ["--" + key.replace("_", "-")] + ([] if value is True else [str(value)])
     names = (*EXPERIMENTS, "index") if args.name == "all" else (args.name,)
     outs = {name: _report_dir(args, name) for name in names}  # every user error before anything runs
     for name in names:
-        module = importlib.import_module(f".experiments.{name.replace('-', '_')}", __package__)
+        module = importlib.import_module(f".experiments.{name.replace('-', '_')}{'_large' if args.large else ''}",
+                                         __package__)
         run = argparse.Namespace(**{**vars(args), "out": outs[name],
                                     # the exact command, for the report's header
                                     "argv": ["subspace-optim", "reproduce", name, *flags]})
         if args.dry_run:
             writes, after = (("README.md's table of verdicts", "reading") if name == "index"
-                             else (f"{name}.md and its plots", "running"))
+                             else (f"{name}{'-large' if args.large else ''}.md and its plots", "running"))
             print(f"# reproduce {name}: would write {outs[name]}/{writes}, after {after}:")
             print("\n".join(module.dry_run(run)))
         else:
