@@ -10,6 +10,7 @@ project's 2-core machine: never run by the test suite.
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -49,9 +50,12 @@ def _estimate(flags: dict) -> dict:
 def _train(argv: list[str], log: Path) -> float:
     """Run `subspace-optim train ARGV` in a fresh process; its wall seconds."""
     start = time.perf_counter()
+    # one thread, as the study's runs: on shared cores two OpenMP threads spin-wait on each other (a 4096 x 1024
+    # QR, GoLore's basis, took 9.3 s with two threads beside another job and 0.36 s with one)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
     with open(log, "w") as sink:
         done = subprocess.run([sys.executable, "-m", "subspace_optim", "train", *argv, "--quiet"], stdout=sink,
-                              stderr=subprocess.STDOUT)
+                              stderr=subprocess.STDOUT, env=env)
     if done.returncode != 0:
         raise RuntimeError(f"run failed ({done.returncode}); see {log}")
     return time.perf_counter() - start
