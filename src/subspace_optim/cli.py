@@ -106,8 +106,9 @@ def _add_reproduce(parser: argparse.ArgumentParser) -> None:
                         "llama-1b on C4; needs GPUs and a network) (default: cpu)")
     parser.add_argument("--dry-run", action="store_true", help="print what would run and where the report "
                         "would go, and run nothing")
-    parser.add_argument("--max-runs", type=int, metavar="N", help="pretrain only: start at most N training runs, "
-                        "then write the report from every stored run (0: only the report); run again to continue")
+    parser.add_argument("--max-runs", type=int, metavar="N", help="pretrain and memory --large: start at most N "
+                        "training runs (memory --large: configurations), then write the report from every finished "
+                        "one (0: only the report); run again to continue")
     parser.add_argument("--jobs", type=int, default=1, metavar="N", help="pretrain only: training runs at once, "
                         "each a process with one thread (default: 1)")
     parser.add_argument("--methods", metavar="A,B", help="pretrain only: start only these methods' runs (e.g. "
@@ -142,9 +143,10 @@ def _reproduce(args: argparse.Namespace) -> int:
 
     if args.scale != "cpu" and args.name not in ("pretrain", "all"):
         raise UsageError(f"--scale {args.scale}: only pretrain has a paper scale")
-    if args.max_runs is not None and (args.name != "pretrain" or args.max_runs < 0):
-        raise UsageError(f"--max-runs {args.max_runs}: only pretrain builds its study over several invocations, "
-                         "and N must not be negative")
+    if args.max_runs is not None and (args.name not in ("pretrain", "memory") or args.max_runs < 0
+                                      or (args.name == "memory" and not args.large)):
+        raise UsageError(f"--max-runs {args.max_runs}: only pretrain and memory --large build their report over "
+                         "several invocations, and N must not be negative")
     if args.jobs != 1 and (args.name != "pretrain" or args.jobs < 1):
         raise UsageError(f"--jobs {args.jobs}: only pretrain runs its training runs in parallel, and N must be at "
                          "least 1")

@@ -71,6 +71,14 @@ def _same_weights(a: Path, b: Path) -> bool:
         return set(x.keys()) == set(y.keys()) and all(torch.equal(x.get_tensor(k), y.get_tensor(k)) for k in x.keys())
 
 
+def finished(out: Path, flags: dict) -> bool:
+    """Whether the uninterrupted run and its resumed step are both in ``out`` with these settings."""
+    config = out / "config.json"
+    resumed = out.with_name(out.name + "-resumed") / "summary.json"
+    return (out / "summary.json").is_file() and resumed.is_file() and same_config(json.loads(config.read_text()),
+                                                                                  flags)
+
+
 def measure(out: Path, flags: dict) -> dict:
     """The uninterrupted run and its resumed last step (both reused when finished); what the report needs."""
     resumed = out.with_name(out.name + "-resumed")
@@ -112,9 +120,15 @@ def _slug(name: str) -> str:
 def main(args) -> Path:
     report = Report("memory-large", args.out, args.argv)
     runs = Path(args.runs) / "memory-large"
-    results, sections = [], []
+    results, sections, started = [], [], 0
     for name, goal, extra in RUNS:
         flags = _flags(extra)
+        if not finished(runs / _slug(name), flags):
+            if args.max_runs is not None and started >= args.max_runs:
+                results.append([name, f"{goal:.1f}", "not run", "", f"{_estimate(flags)['total'] / GIB:.2f}", "",
+                                "not measured", ""])
+                continue
+            started += 1
         got = measure(runs / _slug(name), flags)
         est = _estimate(flags)
         adamw = estimate(flags["model"], "adamw", batch=1, seq=flags["seq_len"], dtype="bf16",
