@@ -31,8 +31,8 @@ COMMON = dict(optimizer="golore", layerwise=True, dtype="bfloat16", projection_d
 #: (name, the issue's goal for the peak in GiB, flags). 13B at rank 640 (hidden / 8) with 8-bit moments: the first
 #: setting of `memory --fit` (8-bit moments, then a lower rank, then 4 bits) that fits with room for other jobs.
 RUNS = (
-    ("llama-7b, bf16 weights", 18.5, dict(model="llama-7b", rank=1024)),
     ("llama-7b, int8 weights", 12.0, dict(model="llama-7b", rank=1024, weights="int8")),
+    ("llama-7b, bf16 weights", 18.5, dict(model="llama-7b", rank=1024)),
     ("llama-13b, int8 weights", 22.0, dict(model="llama-13b", rank=640, weights="int8")),
 )
 
