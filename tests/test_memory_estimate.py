@@ -159,7 +159,8 @@ def test_the_regenerated_bases_estimate_equals_the_measured_peak_state_of_llama_
         assert est["total"] == rest + est["projection"] + est["activations"] + est["transients"]
         assert not est["bases_apart"]
     else:
-        assert est["total"] == rest + est["transients"] + max(est["projection"], est["activations"])
+        # step() holds the drawn bases and one update's temporaries, after backward freed the activations
+        assert est["total"] == rest + max(est["projection"] + est["transients"], est["activations"])
         assert est["bases_apart"]
 
 
@@ -212,11 +213,14 @@ def test_int8_weights_by_hand():
     assert int8["int8_weights"] == 14 and int8["parameters"] == dense["parameters"] == 1832
     assert {k: int8[k] for k in ("gradients", "optimizer_state", "projection", "activations")} == \
         {k: dense[k] for k in ("gradients", "optimizer_state", "projection", "activations")}
-    assert int8["total"] == dense["total"] - 3664 + 2672 + int8["transients"] - dense["transients"]
+    # the peak is in step(), where one update's 16 MiB block dwarfs the activations: only the weights differ
+    assert int8["total"] == dense["total"] - 3664 + 2672
     # bases regenerated in standard mode live inside step(), apart from the activations and the forward's transient
     regen = estimate(spec, "golore", weights="int8", random_basis="regenerate", **args)
     rest = sum(regen[k] for k in ("weights", "gradients", "optimizer_state", "counters"))
-    assert regen["total"] == rest + regen["transients"] + max(regen["projection"], regen["activations"])
+    # forward holds the activations and the int8 dequantization, step() the bases and one update's temporaries
+    assert regen["total"] == rest + max(regen["projection"] + regen["transients"],
+                                        regen["activations"] + 2 * 16 * 8)
 
 
 def test_int8_weights_only_for_projected_optimizers(capsys):
@@ -268,7 +272,7 @@ def _fit_rows(out: str) -> list[list[str]]:
 def _ladder_totals(model: str, seq: int = 2048) -> list[tuple[dict, float]]:
     from subspace_optim.memory_estimate import fit_ladder
 
-    return [(c, estimate(model, "golore", seq=seq, fused_loss=True, **c)["total"])
+    return [(c, min(estimate(model, "golore", seq=seq, fused_loss=f, **c)["total"] for f in (False, True)))
             for c in fit_ladder(model, seq=seq)]
 
 
@@ -288,10 +292,12 @@ def test_fit_llama_13b_in_24gb(capsys):
     marked = [r for r in rows if r[0] == "*"]
     assert marked == [["*", str(best["rank"]), f"{best['state_bits']}-bit", "int8", "yes", "yes", "regenerate",
                        f"{total / GB:.2f}", "yes"]]
+    fused = estimate("llama-13b", "golore", fused_loss=True, **best)["total"] < total  # the cheaper loss
     assert (f"  subspace-optim train --model llama-13b --optimizer golore --rank {best['rank']} --layerwise --dtype "
-            f"bfloat16 --state-bits {best['state_bits']} --random-basis regenerate --checkpointing --fused-loss "
-            "--weights int8 --batch-size 1 --seq-len 2048") in out.splitlines()
-    adamw = estimate("llama-13b", "adamw", activations="checkpoint", fused_loss=True)
+            f"bfloat16 --state-bits {best['state_bits']} --random-basis regenerate --checkpointing"
+            + (" --fused-loss" if fused else "") + " --weights int8 --batch-size 1 --seq-len 2048") in out.splitlines()
+    adamw = min((estimate("llama-13b", "adamw", activations="checkpoint", fused_loss=f) for f in (False, True)),
+                key=lambda est: est["total"])
     assert f"would need {adamw['total'] / GB:.2f} GB for the same batch 1 x 2048" in out
 
 
@@ -302,8 +308,8 @@ def test_fit_llama_7b_needs_no_lossy_knob(capsys):
     marked = [line.split() for line in out.splitlines() if line.startswith("  *")]
     # at 256 tokens the activations are small: layer-wise alone fits, no recomputation needed
     assert [m[:7] for m in marked] == [["*", "1024", "16-bit", "bfloat16", "no", "yes", "keep"]]
-    assert ("--rank 1024 --layerwise --dtype bfloat16 --state-bits 16 --fused-loss --batch-size 1 --seq-len 256"
-            in out)
+    # 256 tokens: HF's loss needs less than the fused one's lm_head gradient
+    assert "--rank 1024 --layerwise --dtype bfloat16 --state-bits 16 --batch-size 1 --seq-len 256" in out
 
 
 def test_fit_nothing_fits_prints_the_smallest(capsys):

@@ -234,9 +234,11 @@ def _memory_fit(args: argparse.Namespace) -> int:
         budget = parse_budget(args.fit)
     except ValueError as err:
         raise UsageError(str(err)) from None
-    common = {"batch": args.batch, "seq": args.seq, "dtype": args.dtype, "fused_loss": True, "host": args.host}
+    common = {"batch": args.batch, "seq": args.seq, "dtype": args.dtype, "host": args.host}
     ladder = fit_ladder(args.model, batch=args.batch, seq=args.seq, dtype=args.dtype)
-    rows = [(c, estimate(args.model, "golore", **common, **c)) for c in ladder]
+    # each setting with the fused loss or HF's, whichever needs less (the fused one wins at many tokens per batch)
+    rows = [(c, min((estimate(args.model, "golore", **common, **c, fused_loss=f) for f in (False, True)),
+                    key=lambda est: est["total"])) for c in ladder]
     fits = [i for i, (_, est) in enumerate(rows) if est["total"] <= budget]
     print(f"{args.model}, golore, batch {args.batch} x {args.seq} tokens, {args.dtype}: settings within {args.fit} "
           f"({budget / 1e9:.2f} GB), the cheapest in lost quality first")
@@ -261,9 +263,11 @@ def _memory_fit(args: argparse.Namespace) -> int:
     print(f"  subspace-optim train --model {args.model} --optimizer golore --rank {c['rank']}"
           + (" --layerwise" if c["layerwise"] else "") + f" --dtype {args.dtype} --state-bits {c['state_bits']}"
           + (" --random-basis regenerate" if c["random_basis"] == "regenerate" else "")
-          + (" --checkpointing" if c["activations"] == "checkpoint" else "") + " --fused-loss"
+          + (" --checkpointing" if c["activations"] == "checkpoint" else "")
+          + (" --fused-loss" if rows[best][1]["fused_loss"] else "")
           + (" --weights int8" if c["weights"] == "int8" else "") + f" --batch-size {args.batch} --seq-len {args.seq}")
-    adamw = estimate(args.model, "adamw", activations="checkpoint", **common)
+    adamw = min((estimate(args.model, "adamw", activations="checkpoint", **common, fused_loss=f) for f in (False, True)),
+                key=lambda est: est["total"])
     print(f"AdamW (full rank, moments in {args.dtype}, activation checkpointing) would need "
           f"{adamw['total'] / 1e9:.2f} GB for the same batch {args.batch} x {args.seq}.")
     return 0

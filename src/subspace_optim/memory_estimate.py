@@ -116,6 +116,10 @@ def activation_bytes(spec: ArchSpec, batch: int, seq: int, nbytes: int, model: s
 HOST_BYTES = 600 * 2**20
 #: The fused loss's chunk: CPU_CHUNK_TOKENS tokens' float32 logits at a time (train/loss.py).
 FUSED_CHUNK_TOKENS = 256
+#: torch's linear_cross_entropy on the CPU, bf16 inputs: what its forward allocates beyond what it keeps, in units
+#: of lm_head's float32 size V·h·4 (a float32 copy of the weight, the weight gradient's float32 scratch and
+#: accumulator, ...): measured 4.75 at llama-350m and at llama-1b (594 and 1189 MiB), batch 1 x 256.
+FUSED_FORWARD_FACTOR = 4.75
 #: The float32 block a narrow-dtype write-back holds (optimizer._WRITE_BACK_BLOCK, precision.BLOCK), in bytes.
 WRITE_BACK_BYTES = 4 << 22
 
@@ -158,7 +162,9 @@ def estimate(model: str | ArchSpec, optimizer: str = "adamw", *, rank: int | Non
     ``int8_weights`` of them, and its largest dequantized --dtype copy; module docstring).
     fused_loss: the output layer's float32 logits (4·b·s·V) are replaced by what torch's chunked
     linear_cross_entropy keeps from forward to backward, lm_head's weight gradient (V·h) and the hidden states'
-    (b·s·h) in --dtype, plus one chunk's float32 logits.
+    (b·s·h) in --dtype, plus one chunk's float32 logits; its forward's transients (FUSED_FORWARD_FACTOR · V·h·4
+    bytes on the CPU, one unit less for float32 inputs, which need no float32 copy) join ``transients``. It saves
+    memory only when a micro-batch has many more tokens than the model has hidden units.
     ``transients``: the largest of the int8 dequantization and the largest single update's temporaries
     (``update_transient``; --weight-rounding stochastic adds a dense tensor's direction buffer).
     host: add ``HOST_BYTES``, what a CPU process holds beyond its tensors (``host``), to compare with a CPU run's
@@ -216,17 +222,29 @@ def estimate(model: str | ArchSpec, optimizer: str = "adamw", *, rank: int | Non
     int8 = low if weights == "int8" else []
     weight_bytes = params * nbytes - sum(m * n * (nbytes - 1) - m * nbytes for m, n in int8)
     dequantized = max((m * n for m, n in int8), default=0) * nbytes
+    # measured on the CPU; on a GPU torch picks its "compact" policy (no float32 weight-gradient scratch): counted
+    # there as its float32 weight-gradient accumulator alone, an assumption we have not measured
+    factor = (FUSED_FORWARD_FACTOR - (nbytes == 4)) if host else 1
+    fused = int(factor * spec.vocab * spec.hidden * 4) if fused_loss else 0
     update = update_transient(low if optimizer in ("galore", "golore") else [], spec.dense_tensors()
                               + [n for n in narrow] + ([m * n for m, n in shapes] if optimizer == "adamw" else []),
                               rank if optimizer in ("galore", "golore") else None, nbytes, state_bits, bool(int8),
                               weight_rounding, upcast=dtype_name(projection_dtype) == "float32")
     parts = {"weights": weight_bytes, "gradients": gradients * nbytes, "optimizer_state": moments,
              "counters": 4 * len(stepped), "projection": bases * nbytes, "activations": act,
-             "transients": max(dequantized, update), "host": HOST_BYTES if host else 0}
-    # apart: the bases live in step(), the activations outside it (the transients, in either)
-    total = sum(parts.values()) - (min(parts["projection"], act) if apart else 0)
+             "transients": max(dequantized, update, fused), "host": HOST_BYTES if host else 0}
+    # The peak: what is held throughout, plus the largest of what each phase adds. Forward: the activations and
+    # its transients (the fused loss's, an int8 weight dequantized). Backward: the activations, the gradients
+    # and, layer-wise, the update (its basis and temporaries). Standard mode's step(): the gradients, regenerated
+    # bases (``apart``) and one update's temporaries.
+    held = parts["weights"] + moments + parts["counters"] + parts["host"] + (0 if regenerate else parts["projection"])
+    drawn = parts["projection"] if regenerate else 0
+    during = {"forward": act + max(dequantized, fused),
+              "backward": act + parts["gradients"] + dequantized + (drawn + update if layerwise else 0),
+              "step": 0 if layerwise else parts["gradients"] + drawn + update}
+    total = held + max(during.values())
     return {**parts, "total": total, "parameters": params, "rank": rank,
-            "full_rank_weights": len(narrow) if rank is not None else 0, "bases_apart": apart,
+            "full_rank_weights": len(narrow) if rank is not None else 0, "bases_apart": apart, "fused_loss": fused_loss,
             "int8_weights": len(int8)}
 
 
