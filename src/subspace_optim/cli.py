@@ -143,10 +143,10 @@ def _reproduce(args: argparse.Namespace) -> int:
 
     if args.scale != "cpu" and args.name not in ("pretrain", "all"):
         raise UsageError(f"--scale {args.scale}: only pretrain has a paper scale")
-    if args.max_runs is not None and (args.name not in ("pretrain", "memory") or args.max_runs < 0
+    if args.max_runs is not None and (args.name not in ("pretrain", "memory", "precision") or args.max_runs < 0
                                       or (args.name == "memory" and not args.large)):
-        raise UsageError(f"--max-runs {args.max_runs}: only pretrain and memory --large build their report over "
-                         "several invocations, and N must not be negative")
+        raise UsageError(f"--max-runs {args.max_runs}: only pretrain, precision and memory --large build their "
+                         "report over several invocations, and N must not be negative")
     if args.jobs != 1 and (args.name != "pretrain" or args.jobs < 1):
         raise UsageError(f"--jobs {args.jobs}: only pretrain runs its training runs in parallel, and N must be at "
                          "least 1")

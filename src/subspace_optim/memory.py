@@ -18,6 +18,9 @@ from torch import nn
 def leaves(t: torch.Tensor):
     """The plain tensors that hold ``t``: itself, a DTensor's local shard, or the inner tensors of a wrapper
     subclass (torchao's int8 weights: codes and row scales; its quantized optimizer states)."""
+    if hasattr(t, "to_local"):  # a DTensor: this process's shard (its flatten names its mesh too)
+        yield from leaves(t.to_local())
+        return
     flatten = getattr(t, "__tensor_flatten__", None)
     if flatten is not None:
         for name in flatten()[0]:

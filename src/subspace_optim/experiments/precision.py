@@ -10,10 +10,11 @@ times the runs. Each run is one process with one thread.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 from .pretrain import SCALES, Ppl, not_worse
-from .report import Report, flags_to_cli, harness, table
+from .report import Report, flags_to_cli, harness, same_config, table
 
 #: The weights' precision: the harness flags that set it (the embeddings, norms and lm_head of int8 stay bf16).
 PRECISIONS = {
@@ -35,28 +36,57 @@ def plan(args) -> list[tuple[str, int, dict, Path]]:
     runs = Path(args.runs) / ("precision-quick" if args.quick else "precision")
     return [(name, seed, {**base, "optimizer": "golore", "lr": LR, "seed": seed, **extra},
              runs / f"{name.replace(', ', '-').replace(' ', '-')}-s{seed}")
-            for name, extra in PRECISIONS.items() for seed in (SEEDS[:1] if args.quick else SEEDS)]
+            for seed in (SEEDS[:1] if args.quick else SEEDS) for name, extra in PRECISIONS.items()]
 
 
 def dry_run(args) -> list[str]:
     return [flags_to_cli("train", {**flags, "out": out}) for _, _, flags, out in plan(args)]
 
 
+def stored(flags: dict, out_dir: Path) -> dict | None:
+    """The pretraining study's stored run with these flags (its float32 GoLore runs at lr 1e-2 are this study's
+    float32 rows: the float32 path is the one it ran), or None."""
+    folder = Path(out_dir) / "pretrain-runs" / f"golore-lr{LR:g}-s{flags['seed']}"
+    try:
+        config = json.loads((folder / "config.json").read_text())
+        summary = json.loads((folder / "summary.json").read_text())
+    except (OSError, ValueError):
+        return None
+    return summary if same_config(config, flags) else None
+
+
 def main(args) -> Path:
     report = Report("precision", args.out, args.argv)
     ppl: dict[str, list[float]] = {}
-    for name, _, flags, out in plan(args):
-        ppl.setdefault(name, []).append(harness("train", flags, out)["final_val_ppl"])
+    started, reused, missing = 0, [], []
+    for name, seed, flags, out in plan(args):
+        summary = stored(flags, args.out) if name == "float32" else None
+        if summary is not None:
+            reused.append(seed)
+        elif (out / "summary.json").is_file() or args.max_runs is None or started < args.max_runs:
+            started += not (out / "summary.json").is_file()
+            summary = harness("train", flags, out)
+        else:
+            missing.append(f"{name} seed {seed}")
+            continue
+        ppl.setdefault(name, []).append(summary["final_val_ppl"])
     results = {name: Ppl(values) for name, values in ppl.items()}
     fp32 = results["float32"]
-    rows = [[name, str(p), f"{p.mean / fp32.mean:.3f}"] for name, p in results.items()]
+    rows = [[name, str(p), len(p.values), f"{p.mean / fp32.mean:.3f}"] for name, p in results.items()]
+    seeds = len(plan(args)) // len(PRECISIONS)
+
+    def verdict(x: Ppl) -> str:
+        if len(x.values) < seeds or len(fp32.values) < seeds:
+            return f"pending ({min(len(x.values), len(fp32.values))} of {seeds} seeds; so far: {not_worse(x, fp32, 0.05)})"
+        return not_worse(x, fp32, 0.05)
+
     verdicts = [
         ["bf16 weights with stochastic rounding train as float32 weights do (torchao's bf16_stochastic_round; "
-         "Zamirai et al. 2020)", not_worse(results["bf16, stochastic"], fp32, 0.05),
+         "Zamirai et al. 2020)", verdict(results["bf16, stochastic"]),
          f"GoLore val ppl fp32 {fp32}, bf16 nearest {results['bf16, nearest']}, bf16 stochastic "
          f"{results['bf16, stochastic']}", "bf16-SR within 5% of fp32"],
         ["int8 linear weights, stochastically rounded, cost under 5% perplexity (Q-GaLore, Zhang et al. 2024)",
-         not_worse(results["int8, stochastic"], fp32, 0.05),
+         verdict(results["int8, stochastic"]),
          f"GoLore val ppl fp32 {fp32}, int8 {results['int8, stochastic']} "
          f"({results['int8, stochastic'].mean / fp32.mean:.3f} x fp32)", "int8 within 5% of fp32"]]
     commands = "\n".join(f"    {flags_to_cli('train', flags)}" for _, seed, flags, _ in plan(args) if seed == 0)
@@ -72,8 +102,12 @@ Commands (seed 0; seed 1 the same with `--seed 1`):
 
 {commands}
 
-{table(["weights", "val ppl (mean ± std)", "/ float32"], rows)}
-"""
+{table(["weights", "val ppl (mean ± std)", "seeds", "/ float32"], rows)}
+""" + (f"""
+The float32 rows are the pretraining study's stored GoLore runs at lr {LR:g} (seeds {", ".join(map(str, reused))}:
+`pretrain-runs/golore-lr{LR:g}-s*`, the same flags; the float32 path is unchanged since). """ if reused else "") + (
+        f"Not run yet (`--max-runs`): {', '.join(missing)}; a mean over fewer seeds is no verdict on the spread."
+        if missing else "")
     return report.write("Weights in low precision: bf16 with stochastic rounding, int8", body,
                         seeds=", ".join(map(str, sorted({seed for _, seed, _, _ in plan(args)}))),
                         verdicts=verdicts)

@@ -329,6 +329,9 @@ def _load_weights(path: Path, model, device: torch.device) -> None:
                 with torch.no_grad():
                     for name, target in expected.items():
                         _read_into(f, header[name], start, target)
+                # the modules' load hooks (RSO regenerates P from its loaded key): a load of the model's own
+                # tensors, each copied onto itself, no memory added
+                model.load_state_dict(model.state_dict())
     except Exception as err:
         raise UsageError(f"checkpoint weights {path} are unreadable or do not fit the model: "
                          f"{_first_line(err)}") from None
