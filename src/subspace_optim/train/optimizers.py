@@ -141,6 +141,12 @@ def _galore_torch(cfg: TrainConfig, model: nn.Module) -> Setup:
     return Setup(model, GaLoreAdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay))
 
 
+def _lora(cfg: TrainConfig, model: nn.Module) -> Setup:
+    from .lora import build  # peft is imported only for LoRA runs
+
+    return build(cfg, model)
+
+
 OPTIMIZERS: dict[str, Method] = {
     "adamw": Method("plain torch.optim.AdamW over every parameter: the baseline", _adamw, rules=("adamw",),
                     layerwise=False, rank=False, side=False, moments=(), state_bits=False, random_basis=False),
@@ -163,7 +169,12 @@ OPTIMIZERS: dict[str, Method] = {
     "galore-torch": Method("the GaLore authors' GaLoreAdamW (pip install galore-torch bitsandbytes) on the same "
                            "groups; cannot be resumed", _galore_torch, rules=("adamw",), layerwise=False,
                            moments=(), state_bits=False, random_basis=False),
+    "lora": Method("LoRA through peft (the baseline): rank --lora-rank adapters on the --target layers, which are "
+                   "frozen; the rest trained densely by torch AdamW", _lora,
+                   rules=("adamw",), layerwise=False, rank=False, side=False, moments=(), state_bits=False,
+                   random_basis=False, flags=("lora_rank", "lora_alpha")),
 }
+
 
 _GOLORE_AT = re.compile(r"golore@(\d+(?:\.\d+)?)")
 
