@@ -26,6 +26,10 @@ def _encode(docs: Iterable[str], tokenizer: Tokenizer, chunk: int = 256) -> Iter
 
 
 def lm_task(cfg: TrainConfig) -> Task:
+    if cfg.init_from:  # a folder without weights is refused before any data is read
+        from .pretrained import check_source
+
+        check_source(cfg.init_from, "--init-from")
     hub = is_hub_name(cfg.data)
     docs = None if hub else read_documents(cfg.data, cfg.text_field)
     single = docs is not None and len(set(docs)) <= 1
