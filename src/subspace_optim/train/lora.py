@@ -13,31 +13,23 @@ merges the adapters (``merge_and_unload``) or writes them as a peft adapter.
 
 from __future__ import annotations
 
-import torch
 from torch import nn
 
 from ..groups import target_modules
 from .config import TrainConfig, UsageError, target_spec
 
 
-def resolve_lora(cfg: TrainConfig, model: nn.Module) -> None:
-    """Fill --lora-rank (default: the rank the subspace methods would use) and --lora-alpha (default 2 x rank,
-    LLaMA-Factory's) in ``cfg``, so config.json records what ran."""
-    from .optimizers import rank_for
-
-    cfg.lora_rank = cfg.lora_rank or rank_for(cfg, model)
-    cfg.lora_alpha = cfg.lora_alpha or 2.0 * cfg.lora_rank
-
-
 def wrap(cfg: TrainConfig, model: nn.Module):
-    """The PeftModel of ``model`` with adapters on --target's linear layers (``cfg`` resolved); the adapted
+    """The PeftModel of ``model`` with adapters on --target's linear layers (``cfg`` with --lora-rank and
+    --lora-alpha resolved, as ``optimizers._lora`` does and config.json records); the adapted
     weights frozen, every other parameter trainable. ``model`` itself is changed in place."""
     try:
         from peft import LoraConfig, get_peft_model
     except ImportError as err:
         raise UsageError(f"--optimizer lora needs peft: pip install peft ({err})") from None
     try:
-        names = [name for name, module in target_modules(model, target_spec(cfg.target)) if isinstance(module, nn.Linear)]
+        names = [name for name, module in target_modules(model, target_spec(cfg.target))
+                 if isinstance(module, nn.Linear)]
     except ValueError as err:
         raise UsageError(f"--target {cfg.target}: {err}") from None
     if not names:
@@ -53,12 +45,3 @@ def wrap(cfg: TrainConfig, model: nn.Module):
             base.weight.requires_grad_(False)
     return peft_model
 
-
-def build(cfg: TrainConfig, model: nn.Module):
-    """The Method builder: adapters on the targets, torch AdamW over what is trainable."""
-    from .optimizers import Setup
-
-    resolve_lora(cfg, model)
-    bare = wrap(cfg, model).get_base_model()
-    trainable = [p for p in bare.parameters() if p.requires_grad]
-    return Setup(bare, torch.optim.AdamW(trainable, lr=cfg.lr, weight_decay=cfg.weight_decay))

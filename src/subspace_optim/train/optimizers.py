@@ -142,9 +142,15 @@ def _galore_torch(cfg: TrainConfig, model: nn.Module) -> Setup:
 
 
 def _lora(cfg: TrainConfig, model: nn.Module) -> Setup:
-    from .lora import build  # peft is imported only for LoRA runs
+    """LoRA adapters on the targets (train/lora.py), torch AdamW over what is trainable. --lora-rank defaults to the
+    rank the subspace methods would use, --lora-alpha to 2 x rank (LLaMA-Factory's); both land in config.json."""
+    from .lora import wrap  # peft is imported only for LoRA runs
 
-    return build(cfg, model)
+    cfg.lora_rank = cfg.lora_rank or rank_for(cfg, model)
+    cfg.lora_alpha = cfg.lora_alpha or 2.0 * cfg.lora_rank
+    bare = wrap(cfg, model).get_base_model()  # the model itself, with peft's layers inside
+    trainable = [p for p in bare.parameters() if p.requires_grad]
+    return Setup(bare, torch.optim.AdamW(trainable, lr=cfg.lr, weight_decay=cfg.weight_decay))
 
 
 OPTIMIZERS: dict[str, Method] = {
