@@ -195,6 +195,17 @@ def test_sft_runs_and_exports_a_model_that_generates(work, optimizer):
             torch.testing.assert_close(adapted(input_ids=x).logits, model(input_ids=x).logits, rtol=1e-4, atol=1e-4)
 
 
+def test_sft_layerwise_run_resumes_as_sft(work):
+    """finetune --resume without --task continues an SFT run as SFT (its own task), layer-wise here."""
+    run = work / "sft-layerwise"
+    argv = ["--data", str(work / "chat.jsonl"), "--seq-len", "64", "--quiet", "--batch-size", "2", "--eval-batches", "1"]
+    assert main(["finetune", "--task", "sft", "--model", str(work / "base-hf"), "--optimizer", "galore", "--layerwise",
+                 "--rank", "4", "--steps", "1", "--out", str(run), *argv]) == 0
+    assert main(["finetune", "--resume", str(run), "--steps", "2", "--quiet"]) == 0
+    assert json.loads((run / "config.json").read_text())["task"] == "sft"
+    assert json.loads((run / "summary.json").read_text())["steps"] == 2
+
+
 def test_rso_run_exports_plain_linear_layers(work):
     """RSO's W + B P is folded into nn.Linear weights: the exported model computes what the run's model did."""
     from transformers import AutoModelForCausalLM
