@@ -81,6 +81,20 @@ def test_init_from_refuses_a_foreign_tokenizer(work, capsys, argv, message):
     assert not (work / "never").exists()
 
 
+def test_exported_tokenizer_encodes_as_training_did(work):
+    """The HF tokenizer written beside a run's model (converted from the SentencePiece model) gives the ids the run
+    trained on, and puts BOS first as every training document began."""
+    from transformers import AutoTokenizer
+
+    from subspace_optim.train.data import Tokenizer
+
+    ours, theirs = Tokenizer(), AutoTokenizer.from_pretrained(work / "base-hf")
+    texts = [p.read_text(errors="replace") for p in sorted((work / "bbc").rglob("*.txt"))[:5]] + ["  two  spaces\n"]
+    for text in texts:
+        assert theirs(text, add_special_tokens=False)["input_ids"] == ours.encode([text])[0]
+    assert theirs("Hello")["input_ids"] == ours.document(ours.encode(["Hello"])[0])[:-1]  # BOS, no EOS
+
+
 def chat_tokenizer(work):
     from subspace_optim.train.pretrained import hf_tokenizer
     from subspace_optim.train.sft import ensure_chat_template

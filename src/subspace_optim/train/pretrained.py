@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import warnings
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -94,24 +95,20 @@ def model_config(source: str, flag: str = "--init-from"):
     return causal_lm_config(cfg.model, tokenizer.vocab_size, tokenizer.bos_id, tokenizer.eos_id)
 
 
+@contextmanager
 def _quiet_transformers():
-    from contextlib import contextmanager
-
+    """transformers' loading bars and info lines off (a run prints its own lines)."""
     from transformers.utils import logging
 
-    @contextmanager
-    def quiet():
-        verbosity, bars = logging.get_verbosity(), logging.is_progress_bar_enabled()
-        logging.set_verbosity_error()
-        logging.disable_progress_bar()
-        try:
-            yield
-        finally:
-            logging.set_verbosity(verbosity)
-            if bars:
-                logging.enable_progress_bar()
-
-    return quiet()
+    verbosity, bars = logging.get_verbosity(), logging.is_progress_bar_enabled()
+    logging.set_verbosity_error()
+    logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        logging.set_verbosity(verbosity)
+        if bars:
+            logging.enable_progress_bar()
 
 
 def load_causal_lm(source: str, dtype: str, flag: str = "--init-from") -> nn.Module:
@@ -159,8 +156,9 @@ def hf_tokenizer(source: str, flag: str = "--model"):
 
 
 def tokenizer_from_file(file: Path):
-    """An HF tokenizer from a file that data.Tokenizer reads (tokenizer.json or a SentencePiece .model), with the
-    same BOS/EOS; it adds no special tokens on its own, as data.Tokenizer (documents are framed explicitly)."""
+    """An HF tokenizer from a file that data.Tokenizer reads (tokenizer.json or a SentencePiece .model): the same
+    ids for the same text, the same BOS/EOS, and BOS put before a text by default (``add_special_tokens``), as
+    every document started in training."""
     import shutil
     import tempfile
 
@@ -169,7 +167,7 @@ def tokenizer_from_file(file: Path):
     from .data import Tokenizer
 
     ours = Tokenizer(file)
-    special = {}
+    special = {"add_bos_token": ours.bos_id is not None}
     for name, token_id in (("bos_token", ours.bos_id), ("eos_token", ours.eos_id)):
         if token_id is not None:
             special[name] = ours._hf.id_to_token(token_id) if hasattr(ours, "_hf") else ours._sp.id_to_piece(token_id)

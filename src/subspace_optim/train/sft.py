@@ -169,7 +169,8 @@ class Encoder:
             keep = max(0, len(content) - (len(ids) - self.seq_len) - 2)
             messages = [dict(m, content=self.tokenizer.decode(content[:keep])) if i == prompt else m
                         for i, m in enumerate(messages)]
-            ids, spans, cut = self.ids(messages), self.spans(messages, self.ids(messages)), True
+            ids = self.ids(messages)
+            spans, cut = self.spans(messages, ids), True
         if len(ids) > self.seq_len:
             if not spans or spans[0][1] > self.seq_len:  # not even the first response fits
                 raise UsageError(f"{where}: the record needs {len(ids)} tokens with its prompt cut, its first "
