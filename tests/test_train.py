@@ -121,6 +121,11 @@ def test_metrics_are_mirrored_to_tensorboard(tmp_path, monkeypatch, bbc_slice):
     ("golore@50", ["--rank", "4", "--update-gap", "2"], False),     # SVD then random projections
     ("galore", ["--rank", "4", "--update-gap", "2", "--layerwise", "--grad-accum", "2"], False),
     ("golore", ["--rank", "4", "--update-gap", "2", "--state-bits", "8"], False),  # quantized embedding moments
+    # int8 linear weights (codes and scales saved), layer-wise, regenerated bases, 8-bit moments, stochastic
+    # rounding of the bf16 embeddings: every draw of the rounding comes back with the RNG state
+    ("golore", ["--rank", "4", "--update-gap", "2", "--dtype", "bf16", "--weights", "int8", "--layerwise",
+                "--random-basis", "regenerate", "--state-bits", "8", "--weight-rounding", "stochastic"], False),
+    ("full", ["--dtype", "bf16", "--weight-rounding", "stochastic", "--weight-decay", "0.1"], True),
 ])
 def test_resume_is_bitwise_identical(tmp_path, monkeypatch, bbc_slice, optimizer, extra, tie):
     """4 steps in one go == a run killed after step 3 (last checkpoint: step 2) and resumed: same weights

@@ -146,6 +146,8 @@ def _add_reproduce(parser: argparse.ArgumentParser) -> None:
                         "each a process with one thread (default: 1)")
     parser.add_argument("--methods", metavar="A,B", help="pretrain only: start only these methods' runs (e.g. "
                         "adamw,galore); the report still shows every stored run")
+    parser.add_argument("--large", action="store_true", help="memory only: train LLaMA-7B and 13B here and measure "
+                        "their peaks (tens of minutes each, about 20 GiB; writes memory-large.md)")
 
 
 def _is_full(args: argparse.Namespace, name: str) -> bool:
@@ -182,21 +184,24 @@ def _reproduce(args: argparse.Namespace) -> int:
                          "least 1")
     if args.methods is not None and args.name != "pretrain":
         raise UsageError(f"--methods {args.methods}: pretrain only")
+    if args.large and (args.name != "memory" or args.quick):
+        raise UsageError("--large: memory only, and not with --quick")
     flags = []
-    for key in ("quick", "out", "runs", "scale", "max_runs", "jobs", "methods", "dry_run"):
+    for key in ("quick", "out", "runs", "scale", "max_runs", "jobs", "methods", "large", "dry_run"):
         value = getattr(args, key)
         if value is not None and value is not False and value != _REPRODUCE_DEFAULTS.get(key):  # --max-runs 0 too
             flags += ["--" + key.replace("_", "-")] + ([] if value is True else [str(value)])
     names = (*EXPERIMENTS, "index") if args.name == "all" else (args.name,)
     outs = {name: _report_dir(args, name) for name in names}  # every user error before anything runs
     for name in names:
-        module = importlib.import_module(f".experiments.{name.replace('-', '_')}", __package__)
+        module = importlib.import_module(f".experiments.{name.replace('-', '_')}{'_large' if args.large else ''}",
+                                         __package__)
         run = argparse.Namespace(**{**vars(args), "out": outs[name],
                                     # the exact command, for the report's header
                                     "argv": ["subspace-optim", "reproduce", name, *flags]})
         if args.dry_run:
             writes, after = (("README.md's table of verdicts", "reading") if name == "index"
-                             else (f"{name}.md and its plots", "running"))
+                             else (f"{name}{'-large' if args.large else ''}.md and its plots", "running"))
             print(f"# reproduce {name}: would write {outs[name]}/{writes}, after {after}:")
             print("\n".join(module.dry_run(run)))
         else:
@@ -232,6 +237,17 @@ def _add_memory(parser: argparse.ArgumentParser) -> None:
                         "or int8 (galore/golore: each projected linear weight as int8 plus a --dtype scale per row, "
                         "as Q-GaLore and torchao's int8 quantized training; counts its dequantized copy in each "
                         "matmul as a transient) (default: dense)")
+    parser.add_argument("--fused-loss", action="store_true", help="the training uses --fused-loss: no float32 "
+                        "logits; lm_head's weight gradient and one chunk's logits instead")
+    parser.add_argument("--weight-rounding", default="nearest", choices=("nearest", "stochastic"),
+                        help="as `train`'s: stochastic adds a dense tensor's direction buffer to the update's "
+                        "transients (default: nearest)")
+    parser.add_argument("--projection-dtype", default="float32", choices=("float32", "bfloat16"),
+                        help="as `train`'s: float32 projections of a bf16 weight hold a float32 copy of its gradient "
+                        "during its update (default: float32)")
+    parser.add_argument("--host", action="store_true", help="add what a CPU training process holds beyond its "
+                        "tensors (Python, torch, libraries, data: measured here), to compare with a CPU run's "
+                        "peak RSS; a GPU's peak has none of it")
     parser.add_argument("--fit", metavar="BUDGET", help="instead of one estimate, the GoLore settings that fit "
                         "BUDGET (24GB, 22.5GB, 24GiB; 16G is GiB) for --model, --batch, --seq and --dtype, the "
                         "other flags ignored. The knobs are tried by the quality they give up, least first: those "
@@ -250,8 +266,9 @@ def _memory_fit(args: argparse.Namespace) -> int:
         budget = parse_budget(args.fit)
     except ValueError as err:
         raise UsageError(str(err)) from None
-    common = {"batch": args.batch, "seq": args.seq, "dtype": args.dtype}
-    rows = [(c, estimate(args.model, "golore", **common, **c)) for c in fit_ladder(args.model, **common)]
+    common = {"batch": args.batch, "seq": args.seq, "dtype": args.dtype, "fused_loss": True, "host": args.host}
+    ladder = fit_ladder(args.model, batch=args.batch, seq=args.seq, dtype=args.dtype)
+    rows = [(c, estimate(args.model, "golore", **common, **c)) for c in ladder]
     fits = [i for i, (_, est) in enumerate(rows) if est["total"] <= budget]
     print(f"{args.model}, golore, batch {args.batch} x {args.seq} tokens, {args.dtype}: settings within {args.fit} "
           f"({budget / 1e9:.2f} GB), the cheapest in lost quality first")
@@ -278,7 +295,6 @@ def _memory_fit(args: argparse.Namespace) -> int:
           + (" --random-basis regenerate" if c["random_basis"] == "regenerate" else "")
           + (" --checkpointing" if c["activations"] == "checkpoint" else "") + " --fused-loss"
           + (" --weights int8" if c["weights"] == "int8" else "") + f" --batch-size {args.batch} --seq-len {args.seq}")
-    print("  (the estimate still counts the float32 logits, 4·b·s·V bytes, which --fused-loss never stores)")
     adamw = estimate(args.model, "adamw", activations="checkpoint", **common)
     print(f"AdamW (full rank, moments in {args.dtype}, activation checkpointing) would need "
           f"{adamw['total'] / 1e9:.2f} GB for the same batch {args.batch} x {args.seq}.")
@@ -297,7 +313,9 @@ def _memory(args: argparse.Namespace) -> int:
     try:
         est = estimate(args.model, args.optimizer, rank=args.rank, batch=args.batch, seq=args.seq,
                        dtype=args.dtype, layerwise=args.layerwise, activations=args.activations,
-                       state_bits=args.state_bits, random_basis=args.random_basis, weights=args.weights)
+                       state_bits=args.state_bits, random_basis=args.random_basis, weights=args.weights,
+                       fused_loss=args.fused_loss, weight_rounding=args.weight_rounding,
+                       projection_dtype=args.projection_dtype, host=args.host)
     except ValueError as err:
         raise UsageError(str(err)) from None
     if est["full_rank_weights"]:

@@ -125,9 +125,11 @@ def _loaded_states() -> dict[int, type]:
 
 # ------------------------------------------------------------------------------------------- kernels
 def _quantize(src: Tensor, codes: Tensor, scale: Tensor, qmap: Tensor, four_bit: bool) -> None:
-    """Encode ``src`` (blocks x block, float32) in place: absmax scale per block, nearest code of src / scale."""
+    """Encode ``src`` (blocks x block, any float dtype) in place: absmax scale per block, nearest code of
+    src / scale, computed in float32 (inside the compiled kernel: no float32 copy of a bf16 moment exists)."""
     from torchao.optim.quant_utils import quantize_4bit_with_qmap, quantize_8bit_with_qmap
 
+    src = src.float()
     absmax = src.abs().amax(-1).clamp_min(1e-12)  # torchao's scale_tensor, per row of blocks
     scaled = src / absmax[:, None]
     if four_bit:
@@ -139,10 +141,11 @@ def _quantize(src: Tensor, codes: Tensor, scale: Tensor, qmap: Tensor, four_bit:
     scale.copy_(absmax)
 
 
-def _dequantize(codes: Tensor, scale: Tensor, qmap: Tensor, four_bit: bool) -> Tensor:
+def _dequantize(codes: Tensor, scale: Tensor, qmap: Tensor, four_bit: bool, dtype: torch.dtype) -> Tensor:
+    """The float32 values, rounded to ``dtype`` inside the kernel (no float32 copy of a bf16 moment)."""
     if four_bit:
         codes = torch.stack([codes >> 4, codes & 0b1111], dim=-1).view(codes.shape[0], -1)
-    return qmap[codes.int()] * scale[:, None]
+    return (qmap[codes.int()] * scale[:, None]).to(dtype)
 
 
 @functools.cache
@@ -181,7 +184,7 @@ def decode(stored: Tensor, dtype: torch.dtype = torch.float32) -> Tensor:
     bits = bits_of(stored)
     if bits in BLOCK:
         codes, scale = _views(stored, bits)
-        return _run(_dequantize, [codes, scale], stored.qmap, bits == 4).view(stored.shape).to(dtype)
+        return _run(_dequantize, [codes, scale], stored.qmap, bits == 4, dtype).view(stored.shape)
     return stored.to(dtype)
 
 
@@ -192,7 +195,7 @@ def store_(stored: Tensor, value: Tensor) -> None:
     bits = bits_of(stored)
     if bits in BLOCK:
         codes, scale = _views(stored, bits)
-        src = value.float().contiguous().view(scale.shape[0], -1)
+        src = value.contiguous().view(scale.shape[0], -1)
         _run(_quantize, [src, codes, scale], stored.qmap, bits == 4)
     elif stored is not value:
         stored.copy_(value)

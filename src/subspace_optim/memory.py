@@ -5,6 +5,7 @@ estimate of a model that is never built (`subspace-optim memory`) is ``memory_es
 
 from __future__ import annotations
 
+import ctypes
 import resource
 import sys
 from collections.abc import Iterable
@@ -14,20 +15,31 @@ import torch
 from torch import nn
 
 
+def leaves(t: torch.Tensor):
+    """The plain tensors that hold ``t``: itself, a DTensor's local shard, or the inner tensors of a wrapper
+    subclass (torchao's int8 weights: codes and row scales; its quantized optimizer states)."""
+    flatten = getattr(t, "__tensor_flatten__", None)
+    if flatten is not None:
+        for name in flatten()[0]:
+            yield from leaves(getattr(t, name))
+    else:
+        yield t
+
+
 def tensor_bytes(tensors: Iterable[torch.Tensor], exclude: set[int] = frozenset()) -> int:
     """Bytes of the storages behind ``tensors``, each storage once (views and tied weights share one)."""
     seen: dict[int, int] = {}
     for t in tensors:
         if isinstance(t, torch.Tensor) and t.device.type != "meta":
-            t = t.to_local() if hasattr(t, "to_local") else t  # a DTensor: this process's shard
-            storage = t.untyped_storage()
-            if storage.data_ptr() not in exclude:
-                seen[storage.data_ptr()] = storage.nbytes()
+            for leaf in leaves(t):
+                storage = leaf.untyped_storage()
+                if storage.data_ptr() not in exclude:
+                    seen[storage.data_ptr()] = storage.nbytes()
     return sum(seen.values())
 
 
 def storage_ids(tensors: Iterable[torch.Tensor]) -> set[int]:
-    return {(t.to_local() if hasattr(t, "to_local") else t).untyped_storage().data_ptr() for t in tensors}
+    return {leaf.untyped_storage().data_ptr() for t in tensors for leaf in leaves(t)}
 
 
 def weight_bytes(model: nn.Module) -> int:
@@ -42,12 +54,8 @@ def state_tensors(value):
     """Tensors in a state value: tensors, dicts of them, and objects holding them (galore-torch keeps its
     projection matrix in a Python object in the state). A wrapper tensor (a DTensor, torchao's quantized optimizer
     states) counts as the tensors it holds: codes, scales and lookup table."""
-    flatten = getattr(value, "__tensor_flatten__", None)
-    if isinstance(value, torch.Tensor) and flatten is not None:
-        for name in flatten()[0]:
-            yield from state_tensors(getattr(value, name))
-    elif isinstance(value, torch.Tensor):
-        yield value
+    if isinstance(value, torch.Tensor):
+        yield from leaves(value)
     elif isinstance(value, dict):
         for v in value.values():
             yield from state_tensors(v)
@@ -76,9 +84,10 @@ class SavedActivations:
 
     def _pack(self, t: torch.Tensor) -> torch.Tensor:
         if t.device.type != "meta":
-            storage = t.untyped_storage()
-            if storage.data_ptr() not in self._params:
-                self._saved[storage.data_ptr()] = storage.nbytes()
+            for leaf in leaves(t):
+                storage = leaf.untyped_storage()
+                if storage.data_ptr() not in self._params:
+                    self._saved[storage.data_ptr()] = storage.nbytes()
         return t
 
     def add_held(self, output: torch.Tensor) -> None:
@@ -116,6 +125,23 @@ def peak_memory_bytes(device: torch.device) -> int:
         return torch.cuda.max_memory_allocated(device)
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return peak if sys.platform == "darwin" else peak * 1024  # Linux reports KiB, macOS bytes
+
+
+def return_freed_memory(threshold: int = 1 << 20) -> bool:
+    """Make glibc give freed tensors of ``threshold`` bytes or more back to the OS; False where it cannot (not
+    glibc). By default glibc serves a large block from its own mapping, but each time one is freed it raises that
+    threshold (up to 32 MiB), after which such tensors come from the heap, and freed heap memory stays resident:
+    the process's RSS only grows, by GiBs at LLaMA-7B (training's short-lived tensors are mostly under 32 MiB).
+    A fixed threshold (M_MMAP_THRESHOLD, which also stops the adjustment) and trimming above it (M_TRIM_THRESHOLD)
+    keep the RSS at what is allocated; a CUDA device has its own caching allocator and needs none of this."""
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:
+        return False
+    m_trim_threshold, m_mmap_threshold = -1, -3  # malloc.h
+    return bool(libc.mallopt(m_mmap_threshold, threshold)) and bool(libc.mallopt(m_trim_threshold, threshold))
 
 
 def resident_bytes(device: torch.device) -> int:
@@ -171,12 +197,12 @@ class PhasePeaks:
         try:
             yield
         finally:
-            peak = peak_memory_bytes(self.device)
+            peak, end = peak_memory_bytes(self.device), resident_bytes(self.device)
             self.peak = max(self.peak, peak)
             if not resettable:
-                peak = max(start, resident_bytes(self.device))  # ru_maxrss is the run's: the phase's own is unknown
+                peak = max(start, end)  # ru_maxrss is the run's: the phase's own is unknown
             if peak > self.phases.get(name, {"peak": -1})["peak"]:
-                self.phases[name] = {"peak": peak, "start": start}
+                self.phases[name] = {"peak": peak, "start": start, "end": end}
 
     def where(self) -> str:
         """The phase with the highest peak."""
@@ -190,15 +216,46 @@ def human(n: float) -> str:
         n /= 1024
 
 
+def breakdown(memory: dict) -> list[tuple[str, int]]:
+    """The peak, attributed: (row, bytes) whose sum is the peak exactly.
+
+    What was held when the peak's phase began, from the phases the run recorded (``PhasePeaks``): the runtime
+    (Python, torch and the libraries, resident when the run began), the data and tokenizer (what building the task
+    kept beyond the weights), the weights, the optimizer state, and the saved activations where the peak came in
+    backward (they are held from the forward on); what no row names is "held, unattributed". Then what the peak's
+    phase allocated above that (the transients: a layer-wise update's upcast gradient and decoded moments,
+    checkpointing's recomputed layer, the loss's chunks, ...). Without phases (an old run): the four totals."""
+    phases = memory.get("phases") or {}
+    rows = [("weights", memory["weights_bytes"]), ("optimizer state", memory["optimizer_state_bytes"])]
+    if "data and model" not in phases or "runtime" not in phases:
+        return rows + [("gradients", memory["gradients_bytes"]),
+                       ("activations (saved for backward, one micro-batch)", memory["activations_bytes"])]
+    where = max((n for n in phases if "end" in phases[n]), key=lambda n: phases[n]["peak"])  # marks have no end
+    build = phases["data and model"]
+    rows = [("runtime (Python, torch, libraries)", phases["runtime"]["start"]),
+            ("data and tokenizer", build["end"] - build["start"] - memory["weights_bytes"])] + rows
+    if where == "backward":  # held from the forward on
+        rows.append(("activations (saved for backward, one micro-batch)", memory["activations_bytes"]))
+    if where == "step":  # held from the backward on
+        rows.append(("gradients", memory["gradients_bytes"]))
+    held = phases[where]["start"]
+    rows.append(("held, unattributed", held - sum(b for _, b in rows)))
+    rows.append((f"transients of the peak's phase ({where})", phases[where]["peak"] - held))
+    if memory["peak_memory_bytes"] > phases[where]["peak"]:
+        rows.append(("between phases", memory["peak_memory_bytes"] - phases[where]["peak"]))
+    return rows
+
+
 def format_report(memory: dict) -> str:
-    """The memory table printed at the end of a run (``memory`` as stored in summary.json)."""
+    """The memory table printed at the end of a run (``memory`` as stored in summary.json): the peak attributed
+    (``breakdown``), then the gradients' and activations' totals where they are not rows of it."""
     peak_kind = "GPU max allocated" if memory.get("device") == "cuda" else "process peak RSS"
-    rows = [
-        ("weights", memory["weights_bytes"]),
-        ("gradients", memory["gradients_bytes"]),
-        ("optimizer state", memory["optimizer_state_bytes"]),
-        ("activations (saved for backward, one micro-batch)", memory["activations_bytes"]),
-        (f"peak ({peak_kind})", memory["peak_memory_bytes"]),
-    ]
-    width = max(len(name) for name, _ in rows)
-    return "\n".join(["memory (measured):"] + [f"  {name:<{width}}  {human(value):>10}" for name, value in rows])
+    rows = breakdown(memory)
+    named = {name.split(" (")[0] for name, _ in rows}
+    rows += [(f"peak ({peak_kind})", memory["peak_memory_bytes"])]
+    notes = [(f"  {name} (not at the peak's start)", value) for name, value in
+             (("gradients", memory["gradients_bytes"]), ("activations", memory["activations_bytes"]))
+             if name not in named]
+    width = max(len(name) for name, _ in rows + notes)
+    return "\n".join(["memory (measured):"] + [f"  {name:<{width}}  {human(value):>10}" for name, value in rows]
+                     + [f"  {name:<{width}}  {human(value):>10}" for name, value in notes])

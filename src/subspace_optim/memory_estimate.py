@@ -110,9 +110,35 @@ def activation_bytes(spec: ArchSpec, batch: int, seq: int, nbytes: int, model: s
     return L * per_layer + logits
 
 
+#: What a CPU training process holds beyond its tensors (``host=True``): Python, torch, transformers, tokenizers and
+#: torchao's compiled kernels, resident when training starts and after its first step (measured by the harness's
+#: phases, this machine, torch 2.13: ``docs/results/memory-large.md``). A GPU's peak (max allocated) has none of it.
+HOST_BYTES = 600 * 2**20
+#: The fused loss's chunk: CPU_CHUNK_TOKENS tokens' float32 logits at a time (train/loss.py).
+FUSED_CHUNK_TOKENS = 256
+#: The float32 block a narrow-dtype write-back holds (optimizer._WRITE_BACK_BLOCK, precision.BLOCK), in bytes.
+WRITE_BACK_BYTES = 4 << 22
+
+
+def update_transient(shapes: list[tuple[int, int]], dense: list[int], rank: int | None, nbytes: int,
+                     state_bits: int, int8: bool, rounding: str, upcast: bool = True) -> int:
+    """Bytes alive beside the held tensors while the largest single update runs (one weight at a time, layer-wise
+    or in step()): for a projected m x n weight (D = max(m, n)) G upcast to float32 for R = Pᵀ G (when --dtype is
+    narrower and ``upcast``: float32 projections), R, the rule's float32 direction and, below 32 bits, its two decoded moments (r x D float32 each),
+    and the float32 write-back block; for a dense tensor of n numbers, its two moments decoded to --dtype (below 32
+    bits) and, when rounded stochastically or into int8, the rule's direction buffer and the write-back block."""
+    low = state_bits < 32
+    projected = [(m * n * 4 if nbytes < 4 and upcast else 0) + rank * max(m, n) * 4 * (2 + 2 * low)
+                 + (WRITE_BACK_BYTES if nbytes < 4 or int8 else 0) for m, n in shapes] if rank else []
+    exact = rounding == "stochastic" and nbytes == 2
+    full = [n * nbytes * 2 * low + (n * nbytes + WRITE_BACK_BYTES if exact else 0) for n in dense]
+    return max(projected + full, default=0)
+
+
 def estimate(model: str | ArchSpec, optimizer: str = "adamw", *, rank: int | None = None, batch: int = 1,
              seq: int = 2048, dtype: str = "bf16", layerwise: bool = False, activations: str = "full",
-             state_bits: int = 32, random_basis: str = "keep", weights: str = "dense") -> dict:
+             state_bits: int = 32, random_basis: str = "keep", weights: str = "dense", fused_loss: bool = False,
+             weight_rounding: str = "nearest", projection_dtype: str = "float32", host: bool = False) -> dict:
     """Bytes of each part of training ``model`` with Adam-type ``optimizer``; keys as in ``format_estimate``.
 
     adamw: 2 moments per parameter. galore/golore: 2·r·max(m, n) moments and an r x min(m, n) basis per
@@ -129,7 +155,14 @@ def estimate(model: str | ArchSpec, optimizer: str = "adamw", *, rank: int | Non
     counted at full rank (``full_rank_weights`` of them), as the optimizer and ``apply_rso`` train it.
     state_bits: how each moment tensor is stored (module docstring); ``counters``: the step counters' bytes.
     weights: "dense" or "int8" (galore/golore: each projected weight as int8 codes + a scale per row,
-    ``int8_weights`` of them, and ``transients`` its largest dequantized --dtype copy; module docstring).
+    ``int8_weights`` of them, and its largest dequantized --dtype copy; module docstring).
+    fused_loss: the output layer's float32 logits (4·b·s·V) are replaced by what torch's chunked
+    linear_cross_entropy keeps from forward to backward, lm_head's weight gradient (V·h) and the hidden states'
+    (b·s·h) in --dtype, plus one chunk's float32 logits.
+    ``transients``: the largest of the int8 dequantization and the largest single update's temporaries
+    (``update_transient``; --weight-rounding stochastic adds a dense tensor's direction buffer).
+    host: add ``HOST_BYTES``, what a CPU process holds beyond its tensors (``host``), to compare with a CPU run's
+    peak RSS; a GPU's max-allocated peak has none of it.
     """
     spec = estimate_models()[model] if isinstance(model, str) else model
     if optimizer not in ESTIMATE_OPTIMIZERS:
@@ -176,14 +209,22 @@ def estimate(model: str | ArchSpec, optimizer: str = "adamw", *, rank: int | Non
     apart = regenerate and not layerwise  # held only inside step(), never with the activations
     moments = sum(2 * stored_bytes(n, state_bits, nbytes) for n in stepped)
     act = activation_bytes(spec, batch, seq, nbytes, activations, rank if optimizer == "rso" else None)
+    if fused_loss:
+        act += (spec.vocab * spec.hidden + batch * seq * spec.hidden) * nbytes - 4 * batch * seq * spec.vocab
+        act += 4 * min(batch * seq, FUSED_CHUNK_TOKENS) * spec.vocab
     # int8: each projected weight's m·n numbers at 1 byte instead of nbytes, plus m scales in --dtype
     int8 = low if weights == "int8" else []
     weight_bytes = params * nbytes - sum(m * n * (nbytes - 1) - m * nbytes for m, n in int8)
+    dequantized = max((m * n for m, n in int8), default=0) * nbytes
+    update = update_transient(low if optimizer in ("galore", "golore") else [], spec.dense_tensors()
+                              + [n for n in narrow] + ([m * n for m, n in shapes] if optimizer == "adamw" else []),
+                              rank if optimizer in ("galore", "golore") else None, nbytes, state_bits, bool(int8),
+                              weight_rounding, upcast=dtype_name(projection_dtype) == "float32")
     parts = {"weights": weight_bytes, "gradients": gradients * nbytes, "optimizer_state": moments,
              "counters": 4 * len(stepped), "projection": bases * nbytes, "activations": act,
-             "transients": max((m * n for m, n in int8), default=0) * nbytes}
-    # apart: the bases live in step(), the activations and the forward's transient outside it
-    total = sum(parts.values()) - (min(parts["projection"], act + parts["transients"]) if apart else 0)
+             "transients": max(dequantized, update), "host": HOST_BYTES if host else 0}
+    # apart: the bases live in step(), the activations outside it (the transients, in either)
+    total = sum(parts.values()) - (min(parts["projection"], act) if apart else 0)
     return {**parts, "total": total, "parameters": params, "rank": rank,
             "full_rank_weights": len(narrow) if rank is not None else 0, "bases_apart": apart,
             "int8_weights": len(int8)}
@@ -209,10 +250,11 @@ def fit_ladder(model: str | ArchSpec, *, batch: int = 1, seq: int = 2048, dtype:
     First the knobs that change no update, in the order of the compute they add: layer-wise updates (the same
     step, taken inside backward: none), regenerated random bases (the same bases, drawn again from their seeds:
     a QR per weight per step), activation checkpointing (the same activations, recomputed: about one more
-    forward pass). Then the lossy ones, the cheapest in quality first:
-    a lower rank (default, /2, /4: GaLore loses little down to a few hundred), then fewer state bits (16 ->
-    8 -> 4: quantization noise in every moment), then int8 weights (rounding in every weight, every step);
-    within each weights / bits level the ranks are tried from the highest down."""
+    forward pass). Then the lossy ones, the cheapest in quality first, as our pretraining study measured them
+    (docs/results): 8-bit moments (GoLore's perplexity 1.000x 32-bit's), then a lower rank at 8 bits (default,
+    /2, /4: GaLore's rank ablation at r = 32-128 was within the seeds' spread, and the GaLore paper's loses a
+    little per halving), then 4-bit moments (1.087x) at each rank, then the same with int8 weights (rounding in
+    every weight, every step)."""
     spec = estimate_models()[model] if isinstance(model, str) else model
     top = default_rank(spec.hidden)
     ranks = sorted({max(1, top >> i) for i in range(3)}, reverse=True)
@@ -221,8 +263,8 @@ def fit_ladder(model: str | ArchSpec, *, batch: int = 1, seq: int = 2048, dtype:
     free = [plain, {**plain, "layerwise": True}]
     free += [{**free[-1], "random_basis": "regenerate"}]
     free += [{**free[-1], "activations": "checkpoint"}]
-    lossy = [{**free[-1], "rank": r, "state_bits": bits, "weights": w}
-             for w in WEIGHT_FORMATS for bits in (16, 8, 4) for r in ranks]
+    levels = [(16, top)] + [(bits, r) for bits in (8, 4) for r in ranks]
+    lossy = [{**free[-1], "rank": r, "state_bits": bits, "weights": w} for w in WEIGHT_FORMATS for bits, r in levels]
     return free + lossy[1:]  # lossy[0] is free[-1]
 
 
@@ -231,7 +273,8 @@ def format_estimate(est: dict, title: str) -> str:
     rows = [("weights (int8, row scales)" if int8 else "weights", "weights"), ("gradients", "gradients"),
             ("optimizer state (moments)", "optimizer_state"), ("step counters", "counters"),
             ("projection bases", "projection"), ("activations", "activations")]
-    rows += [("transients (int8 dequant.)", "transients")] if int8 else []
+    rows += [("transients (one update" + (", int8 dequant." if int8 else "") + ")", "transients")]
+    rows += [("host process (CPU)", "host")] if est.get("host") else []
     rows += [("total", "total")]
     lines = [title]
     lines += [f"  {label:<26} {est[key] / 1e9:10.2f} GB" for label, key in rows]

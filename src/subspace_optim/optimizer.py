@@ -27,7 +27,7 @@ from torch import Tensor
 from torch.optim import Optimizer
 from torch.utils.weak import WeakIdKeyDictionary
 
-from . import lowbit
+from . import lowbit, precision
 from .distributed import LOCAL, Layout, OwnedRefresh, is_dtensor, layout_of, local, run_owned
 from .memory import state_tensors, tensor_bytes
 from .projectors import PROJECTORS, derive_seed, get_projector, haar_stiefel, reset_steps
@@ -55,6 +55,7 @@ SETTINGS = {
     "basis_dtype": "float32",
     "projection_dtype": "float32",
     "random_basis": "keep",
+    "weight_rounding": "nearest",
 }
 MOMENTS = ("keep", "project", "rotate", "reset")
 SIDES = ("std", "left", "right")
@@ -74,7 +75,7 @@ STATE_SETTINGS = ("rule", "rank", "projector", "side", "seed", "pca_rule")
 #: How the state is held (its precision, whether random bases are held between steps) and the projections computed,
 #: not what it means: load_state_dict keeps this optimizer's values and converts a checkpoint saved with others
 #: (with a warning where a number changes).
-PRECISION_SETTINGS = ("state_bits", "basis_dtype", "projection_dtype", "random_basis")
+PRECISION_SETTINGS = ("state_bits", "basis_dtype", "projection_dtype", "random_basis", "weight_rounding")
 #: Parameter -> weak reference to the live layer-wise optimizer whose hooks update it: two would both update it.
 _HOOK_OWNERS = WeakIdKeyDictionary()
 
@@ -396,6 +397,7 @@ class SubspaceOptimizer(Optimizer):
         _choice("svd", group["svd"], SVD_METHODS)
         _choice("pca_rule", group["pca_rule"], RULES)
         _choice("random_basis", group["random_basis"], RANDOM_BASES)
+        _choice("weight_rounding", group["weight_rounding"], precision.WEIGHT_ROUNDINGS)
         if isinstance(group["lr"], Tensor) and group["lr"].numel() != 1:
             raise ValueError("Tensor lr must be 1-element")  # torch.optim's rule and message
         if not group["lr"] >= 0.0:
@@ -669,9 +671,12 @@ class SubspaceOptimizer(Optimizer):
             if w.refresh is not None:
                 self._install(w.param, w.state, group, *w.refresh)
         rule = get_rule(self.rule_name)
-        dense = [w for w in works if not w.projected]
+        rounding = group["weight_rounding"]
+        rounded = [w for w in works if not w.projected and precision.writes_exactly(local(w.param), rounding)]
+        dense = [w for w in works if not w.projected and not any(w is r for r in rounded)]
         if dense:  # torch.optim's contract: the rule updates the parameters itself (fused kernel for AdamW)
             rule([w.param for w in dense], [w.grad for w in dense], [w.state for w in dense], group)
+        self._step_rounded(rounded, group)
         projected = [w for w in works if w.projected]
         if not projected:
             return
@@ -685,12 +690,16 @@ class SubspaceOptimizer(Optimizer):
                 keep = w.mask.reshape(()).bool()
                 direction = torch.where(keep, torch.zeros((), dtype=direction.dtype), direction)
                 decay = torch.where(keep, 0.0, decay) if weight_decay else decay
-            if weight_decay and not decays_after_update(group):
-                local(w.param).mul_(1.0 - decay)
             basis = w.layout.basis_rows(w.state["basis"])
-            self._apply_back(w.param, group, basis, direction, lr * group["scale"])
-            if weight_decay and decays_after_update(group):
-                local(w.param).mul_(1.0 - decay)
+            if precision.writes_exactly(local(w.param), rounding):  # the decay in the same rounding
+                self._apply_back(w.param, group, basis, direction, lr * group["scale"],
+                                 decay=decay if weight_decay else 0.0, keep=keep if w.mask is not None else None)
+            else:
+                if weight_decay and not decays_after_update(group):
+                    local(w.param).mul_(1.0 - decay)
+                self._apply_back(w.param, group, basis, direction, lr * group["scale"])
+                if weight_decay and decays_after_update(group):
+                    local(w.param).mul_(1.0 - decay)
             new = projector.track(w.full, w.grad, w.state, group, w.layout)
             if new is not None:
                 # A learned basis moves a little every step; like the paper, keep the moments as they are
@@ -699,7 +708,25 @@ class SubspaceOptimizer(Optimizer):
             w.state["proj_step"] += 1
             self._release(w.state, group)
 
-    def _apply_back(self, p: Tensor, group: dict, basis: Tensor, update: Tensor, alpha: float | Tensor) -> None:
+    @staticmethod
+    def _step_rounded(works: list[_Work], group: dict) -> None:
+        """Dense weights that round exactly (bfloat16 with weight_rounding="stochastic", int8): the rule's
+        direction U, then W <- W·(1 - lr·wd) - lr·U rounded once into W (precision.update_rows)."""
+        if not works:
+            return
+        lr, weight_decay = scalar(group["lr"]), group["weight_decay"]
+        directions = get_rule(group["rule"]).direction([w.grad for w in works], [w.state for w in works], group)
+        for w, direction in zip(works, directions):
+            weight = local(w.param)
+            contiguous = weight if precision.is_int8(weight) else weight.contiguous()
+            rows = precision.as_rows(direction)
+            precision.update_rows(contiguous, lambda block: rows[block], lr, decay=lr * weight_decay,
+                                  decay_after=decays_after_update(group))
+            if contiguous is not weight:
+                weight.copy_(contiguous)
+
+    def _apply_back(self, p: Tensor, group: dict, basis: Tensor, update: Tensor, alpha: float | Tensor, *,
+                    decay: float | Tensor = 0.0, keep: Tensor | None = None) -> None:
         """W <- W - alpha * P U (left) or W <- W - alpha * (P U)ᵀ (right) on this rank's rows of W.
 
         P U is computed in the group's projection_dtype, widened to float32 (float64 for such an update) unless
@@ -707,16 +734,27 @@ class SubspaceOptimizer(Optimizer):
         bf16 ones) gets the product a block of rows at a time, so the write-back never holds an m x n temporary,
         and rounds once, as torch.optim does. A non-contiguous W (e.g. a parameter made from ``w.t()``) is updated
         through a contiguous copy written back with ``copy_``; a tensor alpha (tensor lr) scales the small U on the
-        device instead of a host-side number.
+        device instead of a host-side number. An int8 weight, or a bfloat16 one with weight_rounding="stochastic",
+        is written by ``precision.update_rows``, with the weight decay (``decay``) in the same rounding and
+        ``keep`` (a guarded update's flag) applied on the device.
         """
         rows_of_w = local(p)
-        contiguous = rows_of_w.contiguous()
-        weight = contiguous.view(rows_of_w.shape[0], -1)
         left = self._left(p, group)
-        if isinstance(alpha, Tensor):
-            update, alpha = update * alpha.to(update.dtype), 1.0
         compute = _projection_dtype(group)
         compute = compute if compute == torch.bfloat16 else torch.promote_types(update.dtype, compute)
+        if precision.writes_exactly(rows_of_w, group["weight_rounding"]):
+            basis, update = basis.to(compute), update.to(compute)
+            delta = (lambda rows: basis[rows] @ update) if left else (lambda rows: update[:, rows].T @ basis.T)
+            contiguous = rows_of_w if precision.is_int8(rows_of_w) else rows_of_w.contiguous()
+            precision.update_rows(contiguous, delta, alpha, decay=decay, decay_after=decays_after_update(group),
+                                  keep=keep)
+            if contiguous is not rows_of_w:
+                rows_of_w.copy_(contiguous)
+            return
+        contiguous = rows_of_w.contiguous()
+        weight = contiguous.view(rows_of_w.shape[0], -1)
+        if isinstance(alpha, Tensor):
+            update, alpha = update * alpha.to(update.dtype), 1.0
         basis, update = basis.to(compute), update.to(compute)
         if weight.dtype == basis.dtype:
             if left:

@@ -25,8 +25,10 @@ import zipfile
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_model, save_model
+from safetensors import safe_open
+from safetensors.torch import save_file
 
+from ..precision import int8_parts, is_int8
 from .config import UsageError
 
 FORMAT = 1
@@ -163,7 +165,7 @@ def save(run_dir: Path, step: int, model, optimizer, scheduler, batches, progres
         elif main:
             folder.mkdir(parents=True, exist_ok=True)
             tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=folder))
-            save_model(model, str(tmp / WEIGHTS))  # drops duplicate names of tied weights; load_model restores them
+            save_file(flat_weights(model), str(tmp / WEIGHTS))
             state["optimizer"] = optimizer.state_dict()
         if main:
             _commit(tmp, final, folder, state, step, keep, run_dir)
@@ -216,13 +218,23 @@ def _load_shards(path: Path, model, optimizer) -> None:
     set_optimizer_state_dict(model, optimizer, state["optimizer"])
 
 
-def _weights_mismatch(path: Path, model) -> str | None:
-    """One line on how the saved weights differ in shape from ``model``'s, or None if they do not."""
-    from safetensors import safe_open
+def flat_weights(model, contiguous: bool = True) -> dict[str, torch.Tensor]:
+    """The model's state dict as safetensors stores it: a tied weight once (under its first name), an int8
+    weight as its codes and row scales (``NAME.int_data``, ``NAME.scale``). safetensors (>= 0.6) writes each
+    tensor from its own memory, so saving never holds a second copy of the weights. ``contiguous=False``: the
+    live tensors themselves, to load into."""
+    flat, seen = {}, set()
+    for name, tensor in model.state_dict().items():
+        parts = {f"{name}.{k}": v for k, v in int8_parts(tensor).items()} if is_int8(tensor) else {name: tensor}
+        if any(v.data_ptr() in seen for v in parts.values()):
+            continue
+        seen.update(v.data_ptr() for v in parts.values())
+        flat.update({k: v.detach().contiguous() if contiguous else v for k, v in parts.items()})
+    return flat
 
-    expected = {name: tuple(t.shape) for name, t in model.state_dict().items()}
-    with safe_open(str(path), "pt") as f:
-        saved = {name: tuple(f.get_slice(name).get_shape()) for name in f.keys()}
+
+def _weights_mismatch(saved: dict[str, tuple], expected: dict[str, tuple]) -> str | None:
+    """One line on how the saved weights differ in shape from the model's, or None if they do not."""
     differ = sorted(name for name in saved.keys() & expected.keys() if saved[name] != expected[name])
     if not differ:
         return None
@@ -274,11 +286,20 @@ def load(path: Path, model, optimizer, scheduler, batches, identity: dict, devic
 
 
 def _load_weights(path: Path, model, device: torch.device) -> None:
-    """model.safetensors into ``model``, or a one-line UsageError saying how it does not fit."""
+    """model.safetensors into ``model`` one tensor at a time (never a second copy of the weights), or a one-line
+    UsageError saying how it does not fit."""
+    expected = flat_weights(model, contiguous=False)
+    tied = {name for name in model.state_dict() if name not in expected and not any(
+        key.startswith(name + ".") for key in expected)}  # a tied weight's other names
     try:
-        mismatch = _weights_mismatch(path, model)
-        if mismatch is None:
-            missing, unexpected = load_model(model, str(path), strict=False, device=str(device))
+        with safe_open(str(path), "pt", device=str(device)) as f:
+            saved = {name: tuple(f.get_slice(name).get_shape()) for name in f.keys()}
+            mismatch = _weights_mismatch(saved, {k: tuple(v.shape) for k, v in expected.items()})
+            missing, unexpected = sorted(expected.keys() - saved.keys()), sorted(saved.keys() - expected.keys() - tied)
+            if mismatch is None and not missing and not unexpected:
+                with torch.no_grad():
+                    for name, target in expected.items():
+                        target.copy_(f.get_tensor(name))
     except Exception as err:
         raise UsageError(f"checkpoint weights {path} are unreadable or do not fit the model: "
                          f"{_first_line(err)}") from None
@@ -286,4 +307,4 @@ def _load_weights(path: Path, model, device: torch.device) -> None:
         raise UsageError(f"checkpoint weights {path} do not fit the model: {mismatch}")
     if missing or unexpected:
         raise UsageError(f"checkpoint weights {path} do not fit the model: missing "
-                         f"{sorted(missing)[:3]}, unexpected {sorted(unexpected)[:3]}")
+                         f"{missing[:3]}, unexpected {unexpected[:3]}")

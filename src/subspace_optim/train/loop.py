@@ -14,7 +14,7 @@ import torch
 from tqdm import tqdm
 
 from ..memory import (PhasePeaks, SavedActivations, format_report, gradient_bytes, human, optimizer_state_bytes,
-                      weight_bytes)
+                      return_freed_memory, weight_bytes)
 from ..optimizer import SubspaceOptimizer
 from . import checkpoint, parallel
 from .config import TrainConfig, UsageError, load_config, resolve, save_config
@@ -98,6 +98,8 @@ def _train(cfg: TrainConfig, method, run_dir: Path, resume_from: Path | None, pa
     # Everything that can reject the user's input happens here, before the run folder is touched.
     torch.manual_seed(cfg.seed)
     random.seed(cfg.seed)
+    if device.type == "cpu":
+        return_freed_memory()  # freed tensors leave the RSS: the peak is what is held, not glibc's high water
     peaks = PhasePeaks(device)  # where the run's memory goes, phase by phase (the report's breakdown)
     peaks.mark("runtime")
     with peaks.phase("data and model"):

@@ -4,6 +4,7 @@ sequence classifiers from a local HF checkpoint folder (default: the MiniLM that
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -69,14 +70,37 @@ def max_positions(config) -> int | None:
     return getattr(config, "max_position_embeddings", None)
 
 
-def build_causal_lm(config, dtype: str = "float32") -> nn.Module:
+def build_causal_lm(config, dtype: str = "float32", int8: Callable[[nn.Module], set[str]] | None = None) -> nn.Module:
     """A freshly initialized causal LM whose parameters are created in ``dtype`` (torch's name): HF allocates
     and initializes each tensor in that dtype (the same distributions, normal(0, initializer_range) etc., drawn
     at 16 bits), so no float32 copy of the model ever exists. LLaMA-7B in bfloat16 peaks at its 13.5 GB instead
-    of 27 GB built in float32 and then cast. float32 builds are bitwise what they were."""
+    of 27 GB built in float32 and then cast. float32 builds are bitwise what they were.
+
+    ``int8(model)``: the names of the linear modules whose weights are held as int8 (``precision.to_int8``). The
+    model is then built on the meta device and materialized one module at a time, in the order HF initializes
+    them (children first, by its own ``_initialize_weights``: the same distributions), each chosen weight
+    quantized at once: the peak is the int8 model plus one --dtype weight (LLaMA-13B: 13.4 GB, not 26 GB)."""
     from transformers import AutoModelForCausalLM
 
-    return AutoModelForCausalLM.from_config(config, dtype=getattr(torch, dtype))
+    if int8 is None:
+        return AutoModelForCausalLM.from_config(config, dtype=getattr(torch, dtype))
+    from ..precision import to_int8
+
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config, dtype=getattr(torch, dtype))
+    chosen = int8(model)
+
+    def materialize(module: nn.Module, name: str) -> None:
+        for child, sub in module.named_children():
+            materialize(sub, f"{name}.{child}" if name else child)
+        module.to_empty(device="cpu", recurse=False)
+        model._initialize_weights(module)
+        if name in chosen:
+            module.weight = nn.Parameter(to_int8(module.weight), requires_grad=True)
+
+    materialize(model, "")
+    model.tie_weights()
+    return model
 
 
 def classifier_dir(name: str) -> Path:

@@ -41,6 +41,8 @@ class Method:
     flags: tuple[str, ...] = ()  # config fields that only this method takes (e.g. rso_eta)
     state_bits: bool = True  # takes --state-bits (ours; torch's AdamW and galore-torch hold float32 moments)
     random_basis: bool = True  # takes --random-basis regenerate (ours, with projected weights)
+    subspace: bool = True  # our optimizer projecting weights: takes --weights int8 and --projection-dtype
+    weight_rounding: bool = True  # takes --weight-rounding stochastic (ours)
 
 
 def _rule_class(rule: str):
@@ -73,7 +75,7 @@ def _ours(cfg: TrainConfig, model: nn.Module, params, **settings) -> Setup:
     optimizer = _rule_class(cfg.rule)(
         params, lr=cfg.lr, weight_decay=cfg.weight_decay, update_gap=cfg.update_gap, scale=cfg.scale,
         seed=cfg.seed, layerwise=cfg.layerwise, state_bits=cfg.state_bits, random_basis=cfg.random_basis,
-        **extra, **settings,
+        weight_rounding=cfg.weight_rounding, projection_dtype=cfg.projection_dtype, **extra, **settings,
         # the hooks must know when a step's micro-batches are in; otherwise autograd sums them into .grad
         accumulation_steps=cfg.grad_accum if cfg.layerwise else 1)
     return Setup(model, optimizer)
@@ -155,12 +157,13 @@ def _lora(cfg: TrainConfig, model: nn.Module) -> Setup:
 
 OPTIMIZERS: dict[str, Method] = {
     "adamw": Method("plain torch.optim.AdamW over every parameter: the baseline", _adamw, rules=("adamw",),
-                    layerwise=False, rank=False, side=False, moments=(), state_bits=False, random_basis=False),
+                    layerwise=False, rank=False, side=False, moments=(), state_bits=False, random_basis=False,
+                    subspace=False, weight_rounding=False),
     "full": Method("our optimizer with every parameter dense: the full-rank baseline of any --rule", _full,
-                   rank=False, side=False, moments=(), random_basis=False),
+                   rank=False, side=False, moments=(), random_basis=False, subspace=False),
     "full-scaled": Method("like full, but the linear weights that the projected methods project step at --lr x "
                           "--scale (the rest at --lr): the full-rank baseline at their step sizes", _full_scaled,
-                          rank=False, side=False, moments=(), random_basis=False),
+                          rank=False, side=False, moments=(), random_basis=False, subspace=False),
     "galore": Method("projector galore: top-r singular vectors of the gradient, refreshed every --update-gap "
                      "steps", _projector("galore"), random_basis=False),
     "golore": Method("projector golore: a uniformly random orthonormal basis", _projector("golore")),
@@ -171,14 +174,15 @@ OPTIMIZERS: dict[str, Method] = {
                    "GoLore", _projector("auto")),
     "rso": Method("RSO layers: targeted linear layers train B in W + B P (B at --lr x --scale), merged every "
                   "--update-gap steps", _rso, layerwise=False, side=False, moments=("reset", "project"),
-                  default_moments="reset", flags=("rso_eta",), random_basis=False),
+                  default_moments="reset", flags=("rso_eta",), random_basis=False, subspace=False),
     "galore-torch": Method("the GaLore authors' GaLoreAdamW (pip install galore-torch bitsandbytes) on the same "
                            "groups; cannot be resumed", _galore_torch, rules=("adamw",), layerwise=False,
-                           moments=(), state_bits=False, random_basis=False),
+                           moments=(), state_bits=False, random_basis=False, subspace=False,
+                           weight_rounding=False),
     "lora": Method("LoRA through peft (the baseline): rank --lora-rank adapters on the --target layers, which are "
                    "frozen; the rest trained densely by torch AdamW", _lora,
                    rules=("adamw",), layerwise=False, rank=False, side=False, moments=(), state_bits=False,
-                   random_basis=False, flags=("lora_rank", "lora_alpha")),
+                   random_basis=False, flags=("lora_rank", "lora_alpha"), subspace=False, weight_rounding=False),
 }
 
 
@@ -221,6 +225,15 @@ def check_method(cfg: TrainConfig) -> Method:
     if cfg.random_basis != "keep" and not method.random_basis:
         raise UsageError(f"--random-basis {cfg.random_basis}: --optimizer {name} has no random bases; use a projected "
                          "one (golore, golore@X, auto)")
+    if cfg.weights == "int8" and not method.subspace:
+        raise UsageError(f"--weights int8: --optimizer {name} does not hold its weights as int8; use a projected "
+                         "one of ours (galore, golore, golore@X, online_pca, auto)")
+    if cfg.projection_dtype != "float32" and not method.subspace:
+        raise UsageError(f"--projection-dtype {cfg.projection_dtype}: --optimizer {name} computes no projections "
+                         "of ours; use galore, golore, golore@X, online_pca or auto")
+    if cfg.weight_rounding != "nearest" and not method.weight_rounding:
+        raise UsageError(f"--weight-rounding {cfg.weight_rounding}: --optimizer {name} rounds to nearest; use one "
+                         "of ours (e.g. full for a dense baseline)")
     if cfg.adam_arithmetic != "torch" and (cfg.rule != "adamw" or name in ("adamw", "galore-torch")):
         raise UsageError(f"--adam-arithmetic {cfg.adam_arithmetic}: only our optimizers with --rule adamw take it "
                          f"(not --optimizer {name} --rule {cfg.rule}; for a dense baseline use --optimizer full)")

@@ -9,11 +9,12 @@ from collections.abc import Iterable, Iterator
 
 import torch
 
-from .config import TrainConfig, UsageError
+from ..groups import target_modules
+from .config import TrainConfig, UsageError, target_spec
 from .data import (CHUNK_TOKENS, ShuffledBatches, StreamBatches, Tokenizer, hub_documents, in_validation,
                    is_hub_name, lm_batch, pack, read_documents, split, split_token_stream)
 from .loss import causal_lm_loss, fused_parts
-from .models import build_causal_lm, causal_lm_config, count_parameters, max_positions
+from .models import build_causal_lm, causal_lm_config, count_parameters, default_rank, max_positions
 from .task import Task
 from .tokenizer import load_tokenizer
 
@@ -23,6 +24,16 @@ def _encode(docs: Iterable[str], tokenizer: Tokenizer, chunk: int = 256) -> Iter
     docs = iter(docs)
     while batch := list(itertools.islice(docs, chunk)):
         yield from map(tokenizer.document, tokenizer.encode(batch))
+
+
+def _int8_modules(cfg: TrainConfig):
+    """--weights int8: the linear modules whose weights the optimizer will project (--target, and a rank below
+    the weight's smaller side), chosen on the meta-device model before any weight exists."""
+    def chosen(model) -> set[str]:
+        rank = cfg.rank or default_rank(model.config.hidden_size)
+        return {name for name, module in target_modules(model, target_spec(cfg.target))
+                if rank < min(module.weight.shape)}
+    return chosen
 
 
 def lm_task(cfg: TrainConfig) -> Task:
@@ -86,12 +97,15 @@ def lm_task(cfg: TrainConfig) -> Task:
     info.update(tokenizer_info)
 
     if cfg.init_from:
+        if cfg.weights == "int8":
+            raise UsageError("--weights int8 builds the projected weights as int8 when the model is created; it "
+                             "cannot yet start from the weights of --init-from")
         from .pretrained import load_causal_lm
 
         model = load_causal_lm(cfg.init_from, cfg.dtype)
         info["init_from"] = cfg.init_from
     else:
-        model = build_causal_lm(config, cfg.dtype)
+        model = build_causal_lm(config, cfg.dtype, int8=_int8_modules(cfg) if cfg.weights == "int8" else None)
     info.update(count_parameters(model))
     if cfg.fused_loss:
         try:
