@@ -200,6 +200,8 @@ def run_model(path: Path, dtype: str | None = None, *, merge_lora: bool = True, 
         raise UsageError(f"{flag} {path}: the run folder has no readable checkpoint")
     if int(found.name.removeprefix("step_")) < cfg.steps:
         warnings.warn(f"{path} is not finished: using its checkpoint {found.name} of {cfg.steps} steps")
+    if getattr(cfg, "weights", "dense") != "dense":
+        raise UsageError(f"{flag} {path}: a run with --weights {cfg.weights} cannot be loaded as an HF model yet")
     dtype = dtype or cfg.dtype
     if cfg.task == "classify":
         model, _ = build_classifier(cfg.model, len(info["labels"]), dtype)
