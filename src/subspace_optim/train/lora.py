@@ -13,6 +13,8 @@ merges the adapters (``merge_and_unload``) or writes them as a peft adapter.
 
 from __future__ import annotations
 
+import warnings
+
 from torch import nn
 
 from ..groups import target_modules
@@ -36,7 +38,9 @@ def wrap(cfg: TrainConfig, model: nn.Module):
         raise UsageError(f"--target {cfg.target} selects no linear layer for LoRA adapters")
     config = LoraConfig(r=cfg.lora_rank, lora_alpha=cfg.lora_alpha, lora_dropout=0.0, bias="none",
                         target_modules=names)
-    peft_model = get_peft_model(model, config)
+    with warnings.catch_warnings():  # peft asks transformers about gradient checkpointing by a deprecated name
+        warnings.simplefilter("ignore", FutureWarning)
+        peft_model = get_peft_model(model, config)
     for parameter in model.parameters():
         parameter.requires_grad_(True)
     for module in model.modules():
