@@ -225,18 +225,19 @@ def test_rso_run_exports_plain_linear_layers(work):
     from transformers import AutoModelForCausalLM
 
     from subspace_optim.layers import apply_rso
-    from subspace_optim.train.checkpoint import _load_weights
     from subspace_optim.train.pretrained import model_config
 
     run = work / "rso"
     assert main(["train", "--model", str(work / "tiny.json"), "--data", str(work / "bbc"), "--optimizer", "rso",
-                 "--rank", "4", "--steps", "2", "--lr", "0.05", "--seq-len", "32", "--out", str(run), *QUIET]) == 0
+                 "--rank", "4", "--steps", "3", "--update-gap", "2", "--lr", "0.05", "--seq-len", "32",
+                 "--out", str(run), *QUIET]) == 0  # merged once (step 2): a new P, and B trained on it
     assert main(["export", str(run), str(work / "rso-hf")]) == 0
     exported = AutoModelForCausalLM.from_pretrained(work / "rso-hf")
     assert "B" not in str(list(exported.state_dict()))
     trained = AutoModelForCausalLM.from_config(model_config(str(run)))
     apply_rso(trained, rank=4, seed=0)
-    _load_weights(sorted((run / "checkpoints").glob("step_*"))[-1] / "model.safetensors", trained, "cpu")
+    trained.load_state_dict(last_weights(run))  # torch's own loading: P regenerated from the saved key
+    assert {int(m.rso_key[2]) for m in trained.modules() if hasattr(m, "rso_key")} == {1}
     assert any(m.B.abs().sum() > 0 for m in trained.modules() if hasattr(m, "B"))  # B trained, not yet merged
     x = torch.randint(0, 32000, (1, 12))
     with torch.no_grad():

@@ -224,8 +224,11 @@ def run_model(path: Path, dtype: str | None = None, *, merge_lora: bool = True, 
     checkpoint._load_weights(found / checkpoint.WEIGHTS, model, torch.device("cpu"))
     model = model.to(getattr(torch, dtype))
     if cfg.optimizer == "rso":
-        from ..layers import remove_rso
+        from ..layers import RSOProjection, remove_rso
 
+        for module in model.modules():  # P follows the loaded key (outer count), however the tensors were copied in
+            if isinstance(module, RSOProjection):
+                module.regenerate()
         remove_rso(model)
     elif peft_model is not None:
         if not merge_lora:
