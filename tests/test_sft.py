@@ -220,6 +220,25 @@ def test_sft_layerwise_run_resumes_as_sft(work):
     assert json.loads((run / "summary.json").read_text())["steps"] == 2
 
 
+def test_train_lora_freezes_the_targets_and_trains_the_rest(work):
+    """`train --optimizer lora`: gradients exist for every parameter but the targeted linear weights, plus the
+    adapters (rank 8 = hidden 32 // 4: r * (in + out) each), and the memory report counts them."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from subspace_optim.groups import target_modules
+
+    run = work / "train-lora"
+    assert main(["train", "--model", str(work / "tiny.json"), "--data", str(work / "bbc"), "--optimizer", "lora",
+                 "--steps", "1", "--seq-len", "32", "--out", str(run), *QUIET]) == 0
+    model = AutoModelForCausalLM.from_config(AutoConfig.for_model(**TINY))
+    targets = [m for _, m in target_modules(model, "all-linear")]
+    trainable = (sum(p.numel() for p in model.parameters()) - sum(m.weight.numel() for m in targets)
+                 + sum(8 * (m.in_features + m.out_features) for m in targets))
+    memory = json.loads((run / "summary.json").read_text())["memory"]
+    assert memory["gradients_bytes"] == 4 * trainable
+    assert memory["optimizer_state_bytes"] >= 8 * trainable
+
+
 def test_rso_run_exports_plain_linear_layers(work):
     """RSO's W + B P is folded into nn.Linear weights: the exported model computes what the run's model did."""
     from transformers import AutoModelForCausalLM
