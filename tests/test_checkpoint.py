@@ -178,3 +178,37 @@ def test_checkpoint_of_another_model_size_is_one_line(run_dir, tmp_path, capsys)
 def test_missing_checkpoint(run_dir, tmp_path, capsys):
     copy = copy_run(run_dir, tmp_path, shutil.rmtree, steps=(STEP1, STEP2))
     assert "has no checkpoint yet" in resume_error(copy, capsys)
+
+
+@pytest.mark.skipif(not __import__("subspace_optim.memory", fromlist=["x"]).reset_peak(torch.device("cpu")),
+                    reason="needs a resettable peak RSS (Linux)")
+def test_weights_are_saved_and_loaded_without_a_second_copy(tmp_path):
+    """Saving streams each tensor from its own memory and loading copies one tensor at a time into the model: the
+    peak of either adds at most a fraction of the weights (one tensor, the page cache aside), never a copy of them.
+    An int8 weight is saved as its codes and row scales, and loads back bitwise."""
+    from torch import nn
+
+    from subspace_optim.memory import PhasePeaks, return_freed_memory, weight_bytes
+    from subspace_optim.precision import to_int8
+
+    return_freed_memory()
+    model = nn.Sequential(*[nn.Linear(1024, 1024, bias=False) for _ in range(48)])  # 48 x 4 MiB = 192 MiB
+    model[0].weight = nn.Parameter(to_int8(model[0].weight.to(torch.bfloat16)), requires_grad=True)
+    path = tmp_path / "model.safetensors"
+    checkpoint.save_file(checkpoint.flat_weights(model), str(path))  # warm-up: imports, first allocations
+    peaks = PhasePeaks(torch.device("cpu"))
+    with peaks.phase("save"):
+        checkpoint.save_file(checkpoint.flat_weights(model), str(path))
+    saved = {k: v.clone() for k, v in checkpoint.flat_weights(model).items()}
+    with torch.no_grad():
+        for p in model.parameters():
+            (p.int_data if hasattr(p, "int_data") else p).zero_()
+    with peaks.phase("load"):
+        checkpoint._load_weights(path, model, torch.device("cpu"))
+    size = weight_bytes(model)
+    for phase in ("save", "load"):
+        added = peaks.phases[phase]["peak"] - peaks.phases[phase]["start"]
+        assert added < 0.25 * size, (phase, added, size)
+    loaded = checkpoint.flat_weights(model)
+    assert loaded.keys() == saved.keys() and {"0.weight.int_data", "0.weight.scale"} <= loaded.keys()
+    assert all(torch.equal(loaded[k], saved[k]) for k in saved)

@@ -61,6 +61,23 @@ def test_finetune(out):
     assert "GaLore r=4" in report and "LoRA r=8" in report and "±" in report
 
 
+def test_precision(out):
+    report = _reproduce("precision", out)
+    for name in ("float32", "bf16, nearest", "bf16, stochastic", "int8, stochastic"):
+        assert f"| {name} |" in report
+    assert "--weights int8" in report and "--weight-rounding stochastic" in report
+
+
+def test_memory_large_is_a_dry_run_here(out, capsys):
+    """The large runs take tens of minutes and 20 GiB: the suite only checks what they would run."""
+    assert main(["reproduce", "memory", "--large", "--dry-run"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].startswith("# reproduce memory: would write docs/results/memory-large.md")
+    assert len(lines) == 4 and all("--model llama-" in line and "--steps 6 --save-every 5" in line for line in lines[1:])
+    assert sum("--weights int8" in line for line in lines) == 2
+    assert main(["reproduce", "pretrain", "--large"]) == 2
+
+
 @pytest.mark.parametrize("argv", [["--quick"], ["--quick", "--out", "{out}/docs/results"],
                                   ["--scale", "paper", "--out", "docs/results"]])
 def test_only_the_full_experiment_may_write_the_committed_reports(out, capsys, argv):

@@ -117,7 +117,7 @@ def _export(args: argparse.Namespace) -> int:
     return 0
 
 
-EXPERIMENTS = ("counterexample", "pretrain", "finetune", "refresh-cost", "memory")
+EXPERIMENTS = ("counterexample", "pretrain", "finetune", "refresh-cost", "memory", "precision")
 #: Where the committed reports live. Only the full experiment writes here by default: a --quick or --scale paper run
 #: writes beside its training runs, so a cheap check never replaces a committed report with toy numbers.
 RESULTS = Path("docs/results")

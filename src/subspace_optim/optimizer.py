@@ -1031,7 +1031,7 @@ def _remove_handles(handles: list) -> None:
 def _restore_dtypes(live: dict, saved: dict, device) -> None:
     for k, v in saved.items():
         if isinstance(v, Tensor) and (live[k].dtype != v.dtype or lowbit.is_quantized(v)):
-            live[k] = lowbit.copy_to(v, device)
+            live[k] = lowbit.moved_to(v, device)
         elif isinstance(v, dict) and k in live:
             _restore_dtypes(live[k], v, device)
 

@@ -25,7 +25,6 @@ import zipfile
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
 from safetensors.torch import save_file
 
 from ..precision import int8_parts, is_int8
@@ -285,21 +284,51 @@ def load(path: Path, model, optimizer, scheduler, batches, identity: dict, devic
     return {"step": state["step"], "progress": state["progress"]}
 
 
+#: safetensors' dtype names
+_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+           "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+           "BOOL": torch.bool}
+
+
+def _header(f) -> tuple[dict, int]:
+    """(the safetensors header without its metadata, the offset where the tensors' bytes begin)."""
+    (size,) = struct.unpack("<Q", f.read(8))
+    header = json.loads(f.read(size))
+    header.pop("__metadata__", None)
+    return header, 8 + size
+
+
+def _read_into(f, entry: dict, start: int, target: torch.Tensor) -> None:
+    """One tensor's bytes read from the file straight into ``target``'s memory where it is a contiguous CPU tensor
+    of the saved dtype (else through one temporary of that tensor): no mapping of the file, whose pages would count
+    in the process's resident memory, and no second copy of the weights."""
+    begin, end = entry["data_offsets"]
+    dtype = _DTYPES[entry["dtype"]]
+    direct = target.device.type == "cpu" and target.dtype == dtype and target.is_contiguous()
+    buffer = target if direct else torch.empty(entry["shape"], dtype=dtype)
+    f.seek(start + begin)
+    if end > begin and f.readinto(memoryview(buffer.reshape(-1).view(torch.uint8).numpy())) != end - begin:
+        raise Unreadable(f"{f.name} ends inside its tensors")
+    if not direct:
+        target.copy_(buffer)
+
+
 def _load_weights(path: Path, model, device: torch.device) -> None:
-    """model.safetensors into ``model`` one tensor at a time (never a second copy of the weights), or a one-line
-    UsageError saying how it does not fit."""
+    """model.safetensors into ``model`` one tensor at a time, read into the weights' own memory (never a second
+    copy of the weights), or a one-line UsageError saying how it does not fit."""
     expected = flat_weights(model, contiguous=False)
     tied = {name for name in model.state_dict() if name not in expected and not any(
         key.startswith(name + ".") for key in expected)}  # a tied weight's other names
     try:
-        with safe_open(str(path), "pt", device=str(device)) as f:
-            saved = {name: tuple(f.get_slice(name).get_shape()) for name in f.keys()}
+        with path.open("rb") as f:
+            header, start = _header(f)
+            saved = {name: tuple(entry["shape"]) for name, entry in header.items()}
             mismatch = _weights_mismatch(saved, {k: tuple(v.shape) for k, v in expected.items()})
             missing, unexpected = sorted(expected.keys() - saved.keys()), sorted(saved.keys() - expected.keys() - tied)
             if mismatch is None and not missing and not unexpected:
                 with torch.no_grad():
                     for name, target in expected.items():
-                        target.copy_(f.get_tensor(name))
+                        _read_into(f, header[name], start, target)
     except Exception as err:
         raise UsageError(f"checkpoint weights {path} are unreadable or do not fit the model: "
                          f"{_first_line(err)}") from None
