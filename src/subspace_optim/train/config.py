@@ -198,7 +198,7 @@ def resolve(cfg: TrainConfig) -> TrainConfig:
     if cfg.rso_eta is not None and not 0 < cfg.rso_eta < float("inf"):
         raise UsageError(f"--rso-eta must be positive and finite, got {cfg.rso_eta}")
     if cfg.fused_loss and cfg.task == "classify":
-        raise UsageError("--fused-loss is for causal-LM training (`subspace-optim train`); a classifier has no "
+        raise UsageError("--fused-loss is for causal-LM training (`train`, `finetune --task sft`); a classifier has no "
                          "vocabulary-sized output layer to fuse")
     if cfg.distributed != "none" and cfg.fused_loss:
         raise UsageError("--fused-loss calls the model's body and lm_head separately, around the DDP/FSDP2 "
