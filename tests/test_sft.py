@@ -137,6 +137,13 @@ def test_labels_cover_the_responses_only(work):
     spans += [tokenizer.decode(run)] if run else []
     assert [s.strip() for s in spans] == ["First answer</s>", "Second answer</s>"]
 
+    from subspace_optim.train.config import UsageError
+
+    tokenizer.chat_template = ("{% if messages[0]['role'] != 'user' %}{{ raise_exception('the first message must "
+                               "be the user\\'s') }}{% endif %}" + tokenizer.chat_template)
+    with pytest.raises(UsageError, match="record: the chat template refuses this record"):
+        Encoder(tokenizer, 128).encode(turns, "record")
+
 
 def test_the_loss_ignores_the_prompt(work):
     """Changing the prompt's labels changes nothing: the training loss of a batch depends on the response

@@ -152,7 +152,16 @@ class Encoder:
         return spans
 
     def encode(self, messages: list[dict], where: str) -> tuple[list[int], list[int], bool]:
-        """(ids, labels, whether the prompt was cut) of one record, at most --seq-len tokens."""
+        """(ids, labels, whether the prompt was cut) of one record, at most --seq-len tokens; a record that the
+        chat template refuses (roles out of its order, say) is a one-line UsageError."""
+        from jinja2 import TemplateError
+
+        try:
+            return self._encode(messages, where)
+        except TemplateError as err:
+            raise UsageError(f"{where}: the chat template refuses this record ({err})") from None
+
+    def _encode(self, messages: list[dict], where: str) -> tuple[list[int], list[int], bool]:
         ids = self.ids(messages)
         spans = self.spans(messages, ids)
         for start, end in spans:
