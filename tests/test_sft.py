@@ -51,7 +51,14 @@ def test_init_from_loads_the_folders_weights(work):
     saved = last_weights(work / "base")
     hf = load_file(work / "base-hf" / "model.safetensors")
     assert saved.keys() == hf.keys() and all(torch.equal(saved[k], hf[k]) for k in saved)
-    for source in (work / "base", work / "base-hf"):
+    from transformers import AutoModelForCausalLM
+
+    sharded = work / "base-sharded"  # an HF folder in several safetensors files with an index
+    if not sharded.exists():
+        AutoModelForCausalLM.from_pretrained(work / "base-hf").save_pretrained(sharded, max_shard_size="1MB")
+        shutil.copy(work / "base-hf" / "tokenizer.json", sharded)
+    assert len(list(sharded.glob("model-*.safetensors"))) > 1 and (sharded / "model.safetensors.index.json").is_file()
+    for source in (work / "base", work / "base-hf", sharded):
         cfg = resolve(TrainConfig(init_from=str(source), data=str(work / "bbc"), seq_len=32))
         state = lm_task(cfg).model.state_dict()
         assert state.keys() == saved.keys() and all(torch.equal(state[k], saved[k]) for k in saved)
