@@ -284,7 +284,7 @@ def test_classifier_lora_run_exports_a_sequence_classifier(tmp_path):
     (tmp_path / "r.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     run = tmp_path / "run"
     assert main(["finetune", "--data", str(tmp_path / "r.jsonl"), "--optimizer", "lora", "--lora-rank", "2",
-                 "--steps", "1", "--batch-size", "2", "--seq-len", "16", "--out", str(run), "--quiet"]) == 0
+                 "--checkpointing", "--steps", "1", "--batch-size", "2", "--seq-len", "16", "--out", str(run), "--quiet"]) == 0
     assert main(["export", str(run), str(tmp_path / "hf")]) == 0
     model = AutoModelForSequenceClassification.from_pretrained(tmp_path / "hf")
     tokenizer = AutoTokenizer.from_pretrained(tmp_path / "hf")
