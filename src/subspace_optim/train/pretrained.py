@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from .checkpoint import _first_line
 from .config import TrainConfig, UsageError, load_config, target_spec
 
 WEIGHT_PATTERNS = ("*.safetensors", "pytorch_model*.bin")
@@ -127,7 +128,7 @@ def load_causal_lm(source: str, dtype: str, flag: str = "--init-from") -> nn.Mod
             with _quiet_transformers():
                 model = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, dtype))
         except (OSError, ValueError, KeyError) as err:
-            raise UsageError(f"{flag} {source}: cannot load a causal LM from it ({str(err).splitlines()[0]})") from None
+            raise UsageError(f"{flag} {source}: cannot load a causal LM from it ({_first_line(err)})") from None
     model.config.use_cache = False
     return model
 
@@ -152,7 +153,7 @@ def hf_tokenizer(source: str, flag: str = "--model"):
         with _quiet_transformers():
             return AutoTokenizer.from_pretrained(path)
     except (OSError, ValueError, KeyError) as err:
-        raise UsageError(f"{flag} {source}: cannot load its tokenizer ({str(err).splitlines()[0]})") from None
+        raise UsageError(f"{flag} {source}: cannot load its tokenizer ({_first_line(err)})") from None
 
 
 def tokenizer_from_file(file: Path):
@@ -179,7 +180,7 @@ def tokenizer_from_file(file: Path):
             tokenizer = AutoTokenizer.from_pretrained(tmp, **special)
         except (ImportError, ValueError, OSError) as err:
             raise UsageError(f"cannot convert the SentencePiece tokenizer {file} to an HF tokenizer "
-                             f"({str(err).splitlines()[0]}); pip install protobuf") from None
+                             f"({_first_line(err)}); pip install protobuf") from None
     return tokenizer
 
 
