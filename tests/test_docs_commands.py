@@ -92,8 +92,12 @@ USER_FILES = {  # the files and folders the docs' commands name, as a user would
                                          "stars": 1 + 4 * (i % 2)}) + "\n" for i in range(40)),
 }
 USER_FILES["toy.jsonl"] = USER_FILES["reviews.jsonl"].replace('"stars"', '"label"')
+USER_FILES["toy-sft.jsonl"] = "".join(json.dumps({"prompt": f"Story {i}", "response": "Yes" if i % 2 else "No"}) + "\n"
+                                      for i in range(30))  # short: the toy --seq-len 16 holds the template too
 #: Data for a command that names none: tiny, so that a run takes about a second.
-TOY_DATA = {"train": "toy.txt", "finetune": "toy.jsonl"}
+TOY_DATA = {"train": "toy.txt", "finetune": "toy.jsonl", "sft": "toy-sft.jsonl"}
+#: Flags that name a run folder to start from (`export` names one as its first argument).
+RUN_FOLDER_FLAGS = ("--init-from", "--model")
 
 
 @pytest.fixture(scope="module")
@@ -129,15 +133,22 @@ def toy_argv(argv: list[str], workspace: Path, index: int) -> list[str]:
         return argv
     if command == "reproduce":
         return [*argv, "--dry-run"]
+    if command == "export":  # a copy of the toy run, exported into a fresh folder
+        _toy_run_at(argv[1], workspace)
+        return [*argv[:2], str(workspace / "exports-of-docs" / str(index)), *argv[3:]]
     if command not in TOY_DATA or "--help" in argv:
         return argv
+    for flag in RUN_FOLDER_FLAGS:  # a run folder the command starts from (`runs/...`): the toy run
+        if flag in argv and argv[argv.index(flag) + 1].startswith("runs/"):
+            _toy_run_at(argv[argv.index(flag) + 1], workspace)
     if "--resume" in argv:  # the toy run is at step 1: extending it is the toy version of extending a run
         _toy_run_at(argv[argv.index("--resume") + 1], workspace)
         return [*argv, "--steps", "2", "--quiet"]
     argv = list(argv)
     if "--model" in argv and argv[argv.index("--model") + 1] in LLAMA_SIZES:  # an unknown name fails the run
         argv[argv.index("--model") + 1] = "llama-tiny"
-    data = [] if "--data" in argv else ["--data", TOY_DATA[command]]
+    task = "sft" if "--task" in argv and argv[argv.index("--task") + 1] == "sft" else command
+    data = [] if "--data" in argv else ["--data", TOY_DATA[task]]
     return [*argv, *data, *TOY, "--out", str(workspace / "runs-of-docs" / str(index))]
 
 

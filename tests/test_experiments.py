@@ -58,7 +58,7 @@ def test_memory(out):
 
 def test_finetune(out):
     report = _reproduce("finetune", out)
-    assert "GaLore r=4" in report and "±" in report
+    assert "GaLore r=4" in report and "LoRA r=8" in report and "±" in report
 
 
 def test_precision(out):

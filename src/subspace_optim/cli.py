@@ -20,19 +20,29 @@ def _methods_help() -> str:
     return "; ".join(f"{name}: {method.help}" for name, method in OPTIMIZERS.items()).replace("%", "%%")
 
 
-def _add_config_flags(parser: argparse.ArgumentParser, task: str) -> None:
-    """One flag per TrainConfig field, with the field's help and the task's default (flags left out keep
-    argparse.SUPPRESS, so the run knows which flags the user gave: a resumed run must not change others)."""
+def _add_config_flags(parser: argparse.ArgumentParser, *tasks: str) -> None:
+    """One flag per TrainConfig field of any of ``tasks`` (a command may run several: finetune --task
+    classify|sft), with the field's help and each task's default (flags left out keep argparse.SUPPRESS, so the
+    run knows which flags the user gave: a resumed run must not change others)."""
     for f in dataclasses.fields(TrainConfig):
         meta = f.metadata
-        if meta.get("cli") is False or meta.get("only", task) != task:
+        only = meta.get("only", tasks)
+        mine = [t for t in tasks if t in ((only,) if isinstance(only, str) else only)]
+        if meta.get("cli") is False or not mine:
             continue
-        default = TASK_DEFAULTS[task].get(f.name, f.default)
-        help_text = meta.get(f"help_{task}", meta["help"])
+        helps = [meta.get(f"help_{t}", meta["help"]) for t in mine]
+        help_text = " | ".join(dict.fromkeys(helps)) if len(set(helps)) == 1 else " | ".join(
+            f"{t}: {h}" for t, h in zip(mine, helps))
         if f.name == "optimizer":
             help_text += " (" + _methods_help() + ")"
         # 0 and 0.0 are defaults too; None means "derived" and False an off switch, shown by neither
-        help_text += f" (default: {default})" if default is not None and default is not False else ""
+        defaults = {t: TASK_DEFAULTS[t].get(f.name, f.default) for t in mine}
+        shown = {t: d for t, d in defaults.items() if d is not None and d is not False}
+        if len(set(map(str, shown.values()))) == 1 and len(shown) == len(mine):
+            help_text += f" (default: {next(iter(shown.values()))})"
+        elif shown:
+            help_text += " (default: " + "; ".join(f"{t}: {d}" for t, d in shown.items()) + ")"
+        default = defaults[mine[0]]
         kwargs = {"help": help_text, "default": argparse.SUPPRESS}
         if isinstance(f.default, bool):
             kwargs["action"] = "store_true"
@@ -49,8 +59,8 @@ def _runner(task: str):
         from .train.loop import run
 
         names = {f.name for f in dataclasses.fields(TrainConfig)}
-        given = {k: v for k, v in vars(args).items() if k in names}
-        run(TrainConfig(task=task, **given), set(given))
+        given = {k: v for k, v in vars(args).items() if k in names}  # finetune's --task among them
+        run(TrainConfig(**{"task": task, **given}), set(given))
         return 0
 
     return run_task
@@ -80,6 +90,30 @@ def _compare(args: argparse.Namespace) -> int:
     widths = [max(len(r[i]) for r in rows + [header]) for i in range(len(header))]
     for row in [header] + rows:
         print("  ".join(cell.ljust(w) for cell, w in zip(row, widths)))
+    return 0
+
+
+def _add_finetune(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--task", choices=("classify", "sft"), default=argparse.SUPPRESS,
+                        help="classify: a sequence classifier on labeled text; sft: supervised fine-tuning of a "
+                        "causal LM, loss on the responses only (default: classify; a resumed run keeps its own)")
+    _add_config_flags(parser, "classify", "sft")
+
+
+def _add_export(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("run_dir", metavar="RUN", help="a run folder of train or finetune (its last checkpoint)")
+    parser.add_argument("out", metavar="DIR", help="the HF folder to write (must not exist or be empty)")
+    parser.add_argument("--lora-adapter", action="store_true", help="--optimizer lora runs: write the peft adapter "
+                        "(adapter_config.json + adapter_model.safetensors, loaded with peft over the base model) "
+                        "instead of the merged model")
+    parser.add_argument("--dtype", choices=("float32", "bfloat16"), default=None, help="dtype of the written "
+                        "weights (default: the run's)")
+
+
+def _export(args: argparse.Namespace) -> int:
+    from .train.export import export
+
+    print(export(Path(args.run_dir), Path(args.out), lora_adapter=args.lora_adapter, dtype=args.dtype))
     return 0
 
 
@@ -305,7 +339,10 @@ def _memory(args: argparse.Namespace) -> int:
 
 COMMANDS = {
     "train": ("pretrain a causal LM (LLaMA) on text", lambda p: _add_config_flags(p, "lm"), _runner("lm")),
-    "finetune": ("fine-tune a sequence classifier", lambda p: _add_config_flags(p, "classify"), _runner("classify")),
+    "finetune": ("fine-tune a pretrained model: a sequence classifier (--task classify) or a causal LM on "
+                 "prompt/response or chat records (--task sft)", _add_finetune, _runner("classify")),
+    "export": ("write a finished run as an HF model folder (from_pretrained loads it), with its tokenizer",
+               _add_export, _export),
     "compare": ("compare finished runs side by side", _add_compare, _compare),
     "reproduce": ("reproduce a paper's claim at CPU scale; the full experiment writes docs/results/NAME.md",
                   _add_reproduce, _reproduce),

@@ -408,3 +408,18 @@ class RSOController:
         """Detach from the optimizer."""
         for handle in self._handles:
             handle.remove()
+
+
+@torch.no_grad()
+def remove_rso(model: nn.Module) -> nn.Module:
+    """Fold every RSOLinear (W ← W + B P) and put a plain ``nn.Linear`` with that weight and the same bias back in
+    its place, in place: the model has its original architecture again (for saving it as an HF model that
+    ``from_pretrained`` loads). The model's outputs are unchanged up to rounding. Returns ``model``."""
+    for name, layer in rso_layers(model).items():
+        layer.fold()
+        linear = nn.Linear(layer.in_features, layer.out_features, bias=layer.bias is not None, device="meta")
+        linear.weight = nn.Parameter(layer.weight.detach(), requires_grad=True)
+        linear.bias = layer.bias
+        parent_name, _, local = name.rpartition(".")
+        setattr(model.get_submodule(parent_name) if parent_name else model, local, linear)
+    return model

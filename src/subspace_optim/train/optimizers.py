@@ -143,6 +143,18 @@ def _galore_torch(cfg: TrainConfig, model: nn.Module) -> Setup:
     return Setup(model, GaLoreAdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay))
 
 
+def _lora(cfg: TrainConfig, model: nn.Module) -> Setup:
+    """LoRA adapters on the targets (train/lora.py), torch AdamW over what is trainable. --lora-rank defaults to the
+    rank the subspace methods would use, --lora-alpha to 2 x rank (LLaMA-Factory's); both land in config.json."""
+    from .lora import wrap  # peft is imported only for LoRA runs
+
+    cfg.lora_rank = cfg.lora_rank or rank_for(cfg, model)
+    cfg.lora_alpha = cfg.lora_alpha or 2.0 * cfg.lora_rank
+    bare = wrap(cfg, model).get_base_model()  # the model itself, with peft's layers inside
+    trainable = [p for p in bare.parameters() if p.requires_grad]
+    return Setup(bare, torch.optim.AdamW(trainable, lr=cfg.lr, weight_decay=cfg.weight_decay))
+
+
 OPTIMIZERS: dict[str, Method] = {
     "adamw": Method("plain torch.optim.AdamW over every parameter: the baseline", _adamw, rules=("adamw",),
                     layerwise=False, rank=False, side=False, moments=(), state_bits=False, random_basis=False,
@@ -167,7 +179,12 @@ OPTIMIZERS: dict[str, Method] = {
                            "groups; cannot be resumed", _galore_torch, rules=("adamw",), layerwise=False,
                            moments=(), state_bits=False, random_basis=False, subspace=False,
                            weight_rounding=False),
+    "lora": Method("LoRA through peft (the baseline): rank --lora-rank adapters on the --target layers, which are "
+                   "frozen; the rest trained densely by torch AdamW", _lora,
+                   rules=("adamw",), layerwise=False, rank=False, side=False, moments=(), state_bits=False,
+                   random_basis=False, flags=("lora_rank", "lora_alpha"), subspace=False, weight_rounding=False),
 }
+
 
 _GOLORE_AT = re.compile(r"golore@(\d+(?:\.\d+)?)")
 

@@ -37,14 +37,28 @@ def _int8_modules(cfg: TrainConfig):
 
 
 def lm_task(cfg: TrainConfig) -> Task:
+    if cfg.init_from:  # a folder without weights is refused before any data is read
+        from .pretrained import check_source
+
+        check_source(cfg.init_from, "--init-from")
     hub = is_hub_name(cfg.data)
     docs = None if hub else read_documents(cfg.data, cfg.text_field)
     single = docs is not None and len(set(docs)) <= 1
     # Local data is split first: a trained tokenizer (--tokenizer bpe:N) sees the training documents only. A single
     # document is split by token chunks, after tokenizing: a trained tokenizer then sees all of it.
     train_docs, val_docs = (None, None) if hub or single else split(docs, cfg.val_fraction)
-    tokenizer, tokenizer_info = load_tokenizer(cfg.tokenizer, docs if single else train_docs)
-    config = causal_lm_config(cfg.model, tokenizer.vocab_size, tokenizer.bos_id, tokenizer.eos_id)
+    if cfg.init_from:  # continued pretraining: the folder's model and tokenizer (pretrained.py)
+        from .pretrained import init_tokenizer_spec, model_config
+
+        spec = init_tokenizer_spec(cfg.init_from, cfg.tokenizer, docs if single else train_docs)
+        tokenizer, tokenizer_info = load_tokenizer(spec, docs if single else train_docs)
+        config = model_config(cfg.init_from)
+        if tokenizer.vocab_size > config.vocab_size:
+            raise UsageError(f"--init-from {cfg.init_from}: the tokenizer has {tokenizer.vocab_size} tokens, more than "
+                             f"the model's vocabulary of {config.vocab_size}")
+    else:
+        tokenizer, tokenizer_info = load_tokenizer(cfg.tokenizer, docs if single else train_docs)
+        config = causal_lm_config(cfg.model, tokenizer.vocab_size, tokenizer.bos_id, tokenizer.eos_id)
     limit = max_positions(config)
     if limit is not None and cfg.seq_len > limit:
         raise UsageError(f"--seq-len {cfg.seq_len} is longer than {cfg.model} allows ({limit} positions)")
@@ -82,7 +96,16 @@ def lm_task(cfg: TrainConfig) -> Task:
     info["val_sequences"] = len(val)
     info.update(tokenizer_info)
 
-    model = build_causal_lm(config, cfg.dtype, int8=_int8_modules(cfg) if cfg.weights == "int8" else None)
+    if cfg.init_from:
+        if cfg.weights == "int8":
+            raise UsageError("--weights int8 builds the projected weights as int8 when the model is created; it "
+                             "cannot yet start from the weights of --init-from")
+        from .pretrained import load_causal_lm
+
+        model = load_causal_lm(cfg.init_from, cfg.dtype)
+        info["init_from"] = cfg.init_from
+    else:
+        model = build_causal_lm(config, cfg.dtype, int8=_int8_modules(cfg) if cfg.weights == "int8" else None)
     info.update(count_parameters(model))
     if cfg.fused_loss:
         try:
