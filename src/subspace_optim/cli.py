@@ -42,7 +42,6 @@ def _add_config_flags(parser: argparse.ArgumentParser, *tasks: str) -> None:
             help_text += f" (default: {next(iter(shown.values()))})"
         elif shown:
             help_text += " (default: " + "; ".join(f"{t}: {d}" for t, d in shown.items()) + ")"
-        default = defaults[mine[0]]
         kwargs = {"help": help_text, "default": argparse.SUPPRESS}
         if isinstance(f.default, bool):
             kwargs["action"] = "store_true"

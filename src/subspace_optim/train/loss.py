@@ -72,3 +72,17 @@ def causal_lm_loss(model: nn.Module, batch: dict, fused: bool) -> torch.Tensor:
     targets = batch["labels"][:, 1:].flatten().long()  # int64, or the op falls back to full logits
     return F.linear_cross_entropy(hidden, head.weight, targets, linear_bias=head.bias, ignore_index=-100,
                                   options=chunk_options(hidden.device))
+
+
+def checked_loss(model: nn.Module, fused: bool):
+    """``causal_lm_loss`` for ``model``, fused or not; --fused-loss on a model it cannot fuse is one UsageError."""
+    import functools
+
+    from .config import UsageError
+
+    if fused:
+        try:
+            fused_parts(model)
+        except ValueError as err:
+            raise UsageError(f"--fused-loss: {err}") from None
+    return functools.partial(causal_lm_loss, fused=fused)

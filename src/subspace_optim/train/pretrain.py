@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import functools
 import itertools
 import math
 from collections.abc import Iterable, Iterator
@@ -13,7 +12,7 @@ from ..groups import target_modules
 from .config import TrainConfig, UsageError, target_spec
 from .data import (CHUNK_TOKENS, ShuffledBatches, StreamBatches, Tokenizer, hub_documents, in_validation,
                    is_hub_name, lm_batch, pack, read_documents, split, split_token_stream)
-from .loss import causal_lm_loss, fused_parts
+from .loss import checked_loss
 from .models import build_causal_lm, causal_lm_config, count_parameters, default_rank, max_positions
 from .task import Task
 from .tokenizer import load_tokenizer
@@ -107,12 +106,7 @@ def lm_task(cfg: TrainConfig) -> Task:
     else:
         model = build_causal_lm(config, cfg.dtype, int8=_int8_modules(cfg) if cfg.weights == "int8" else None)
     info.update(count_parameters(model))
-    if cfg.fused_loss:
-        try:
-            fused_parts(model)
-        except ValueError as err:
-            raise UsageError(f"--fused-loss: {err}") from None
-    loss_fn = functools.partial(causal_lm_loss, fused=cfg.fused_loss)
+    loss_fn = checked_loss(model, cfg.fused_loss)
 
     @torch.no_grad()
     def evaluate(model) -> dict:

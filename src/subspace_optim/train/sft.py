@@ -21,7 +21,6 @@ Records are split into training and validation by a hash of their content, the r
 
 from __future__ import annotations
 
-import functools
 import json
 import math
 from pathlib import Path
@@ -30,7 +29,7 @@ import torch
 
 from .config import TrainConfig, UsageError
 from .data import ShuffledBatches, bbc_news_dir, split
-from .loss import causal_lm_loss, fused_parts
+from .loss import checked_loss
 from .models import count_parameters, max_positions
 from .task import Task
 
@@ -269,12 +268,7 @@ def sft_task(cfg: TrainConfig) -> Task:
     if cfg.eval_batches:
         val_batches = val_batches[: cfg.eval_batches]
 
-    if cfg.fused_loss:
-        try:
-            fused_parts(model)
-        except ValueError as err:
-            raise UsageError(f"--fused-loss: {err}") from None
-    loss_fn = functools.partial(causal_lm_loss, fused=cfg.fused_loss)
+    loss_fn = checked_loss(model, cfg.fused_loss)
 
     @torch.no_grad()
     def evaluate(model) -> dict:
