@@ -125,3 +125,23 @@ def test_scale_is_pretrain_only(capsys):
 
 def test_auto_without_a_switch_reads_no_switch():
     assert switch_text({("AdamW", 0): 200, ("MSGD", 1): None}) == "AdamW seed 0: step 200, MSGD seed 1: no switch"
+
+
+def test_memory_large_end_to_end_at_toy_size(out, monkeypatch, capsys):
+    """The large runs' machinery on llama-tiny: the run, its resumed last step in a fresh process (bitwise equal),
+    the attributed peak and the estimate in the report; --max-runs 0 lists a configuration it did not run."""
+    from subspace_optim.experiments import memory_large
+
+    monkeypatch.setattr(memory_large, "STEPS", 1)
+    monkeypatch.setattr(memory_large, "COMMON", {**memory_large.COMMON, "seq_len": 32, "eval_batches": 1})
+    monkeypatch.setattr(memory_large, "RUNS", (("llama-tiny, int8 weights", 1.0,
+                                                dict(model="llama-tiny", rank=16, weights="int8")),))
+    assert main(["reproduce", "memory", "--large", "--out", str(out / "report")]) == 0
+    report = (out / "report" / "memory-large.md").read_text()
+    assert "equal the uninterrupted run's bitwise" in report and "DIFFER" not in report
+    assert "| llama-tiny, int8 weights | 1.0 |" in report and "runtime (Python, torch, libraries)" in report
+    assert "transients of the peak's phase" in report and "host" in report
+    monkeypatch.setattr(memory_large, "RUNS", (("llama-tiny, bf16 weights", 1.0,
+                                                dict(model="llama-tiny", rank=16)),))
+    assert main(["reproduce", "memory", "--large", "--max-runs", "0", "--out", str(out / "report")]) == 0
+    assert "| llama-tiny, bf16 weights | 1.0 | not run |" in (out / "report" / "memory-large.md").read_text()
