@@ -42,7 +42,7 @@ def _method_rows(model: str, rank: int, activations: str) -> list[list]:
         label = (optimizer + (" layer-wise" if layerwise else "") + ("" if optimizer == "adamw" else f" r={rank}")
                  + (f", {bits}-bit moments" if bits != 32 else "") + (", bases regenerated" if bases != "keep" else ""))
         rows.append([label] + [_gb(est[k]) for k in ("weights", "gradients", "optimizer_state", "projection",
-                                                      "activations", "total")])
+                                                      "activations", "transients", "total")])
     return rows
 
 
@@ -215,13 +215,16 @@ With the activations of activation checkpointing (the convention that gives the 
 
 ![breakdown]({_plot(report, "llama-7b", 1024, "checkpoint").name})
 
-{table(["optimizer", "weights", "gradients", "optimizer state", "projection bases", "activations", "total"],
-       _method_rows("llama-7b", 1024, "checkpoint"))}
+{table(["optimizer", "weights", "gradients", "optimizer state", "projection bases", "activations", "transients",
+        "total"], _method_rows("llama-7b", 1024, "checkpoint"))}
+
+The total is what is held throughout plus the largest of what forward, backward and the step add (the
+estimator's docstring); "transients" are the largest single update's temporaries.
 
 Without recomputation (`--activations full`):
 
-{table(["optimizer", "weights", "gradients", "optimizer state", "projection bases", "activations", "total"],
-       _method_rows("llama-7b", 1024, "full"))}
+{table(["optimizer", "weights", "gradients", "optimizer state", "projection bases", "activations", "transients",
+        "total"], _method_rows("llama-7b", 1024, "full"))}
 
 GaLore's paper reports for LLaMA-7B (rank 1024, BF16, 8-bit Adam, layer-wise) a total under 24 GB; the rows
 without a bit width use 16-bit Adam moments; the 8- and 4-bit rows (`--state-bits`) count block-wise quantized
