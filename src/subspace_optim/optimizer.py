@@ -672,8 +672,10 @@ class SubspaceOptimizer(Optimizer):
                 self._install(w.param, w.state, group, *w.refresh)
         rule = get_rule(self.rule_name)
         rounding = group["weight_rounding"]
-        rounded = [w for w in works if not w.projected and precision.writes_exactly(local(w.param), rounding)]
-        dense = [w for w in works if not w.projected and not any(w is r for r in rounded)]
+        dense, rounded = [], []  # rounded: dense weights that an update must reach through precision.update_rows
+        for w in works:
+            if not w.projected:
+                (rounded if precision.writes_exactly(local(w.param), rounding) else dense).append(w)
         if dense:  # torch.optim's contract: the rule updates the parameters itself (fused kernel for AdamW)
             rule([w.param for w in dense], [w.grad for w in dense], [w.state for w in dense], group)
         self._step_rounded(rounded, group)

@@ -51,21 +51,29 @@ def _sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
+def _header(f) -> tuple[dict, int]:
+    """(a safetensors file's header without its metadata, the offset where the tensors' bytes begin); Unreadable
+    where the file is too short for its 8-byte header size or the header is not JSON."""
+    prefix = f.read(8)
+    if len(prefix) < 8:
+        raise Unreadable(f"{f.name} is truncated ({len(prefix)} bytes)")
+    (size,) = struct.unpack("<Q", prefix)
+    try:
+        header = json.loads(f.read(size))
+    except (ValueError, MemoryError):
+        raise Unreadable(f"{f.name} has no valid safetensors header") from None
+    header.pop("__metadata__", None)
+    return header, 8 + size
+
+
 def _check_safetensors(path: Path) -> None:
     """The file is as long as its header says (8-byte header size, JSON header, then the tensors' bytes)."""
     size = path.stat().st_size
     with path.open("rb") as f:
-        prefix = f.read(8)
-        if len(prefix) < 8:
-            raise Unreadable(f"{path} is truncated ({size} bytes)")
-        (header_size,) = struct.unpack("<Q", prefix)
-        try:
-            header = json.loads(f.read(header_size))
-        except (ValueError, MemoryError):
-            raise Unreadable(f"{path} has no valid safetensors header") from None
-    end = max((entry["data_offsets"][1] for key, entry in header.items() if key != "__metadata__"), default=0)
-    if size != 8 + header_size + end:
-        raise Unreadable(f"{path} is {size} bytes where its header says {8 + header_size + end}")
+        header, start = _header(f)
+    end = max((entry["data_offsets"][1] for entry in header.values()), default=0)
+    if size != start + end:
+        raise Unreadable(f"{path} is {size} bytes where its header says {start + end}")
 
 
 def _check_state(path: Path) -> None:
@@ -288,14 +296,6 @@ def load(path: Path, model, optimizer, scheduler, batches, identity: dict, devic
 _DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
            "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
            "BOOL": torch.bool}
-
-
-def _header(f) -> tuple[dict, int]:
-    """(the safetensors header without its metadata, the offset where the tensors' bytes begin)."""
-    (size,) = struct.unpack("<Q", f.read(8))
-    header = json.loads(f.read(size))
-    header.pop("__metadata__", None)
-    return header, 8 + size
 
 
 def _read_into(f, entry: dict, start: int, target: torch.Tensor) -> None:
