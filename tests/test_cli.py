@@ -57,6 +57,10 @@ def tiny_text(tmp_path):
     (["--steps", "0"], "--steps must be at least 1"),
     (["--resume", "{empty}"], "not a run folder"),
     (["--tokenizer", "missing.model"], "tokenizer file not found"),
+    (["--optimizer", "adamw", "--weights", "int8"], "--weights int8: --optimizer adamw does not hold"),
+    (["--optimizer", "adamw", "--projection-dtype", "bf16"], "--optimizer adamw computes no projections"),
+    (["--optimizer", "adamw", "--weight-rounding", "stochastic"], "--optimizer adamw rounds to nearest"),
+    (["--optimizer", "golore", "--weights", "int8", "--distributed", "ddp"], "--weights int8 is single-process"),
 ])
 def test_bad_input_is_one_line_on_stderr(tmp_path, tiny_text, capsys, argv, message):
     (tmp_path / "empty").mkdir()

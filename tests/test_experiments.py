@@ -76,6 +76,8 @@ def test_memory_large_is_a_dry_run_here(out, capsys):
     assert len(lines) == 4 and all("--model llama-" in line and "--steps 6 --save-every 5" in line for line in lines[1:])
     assert sum("--weights int8" in line for line in lines) == 2
     assert main(["reproduce", "pretrain", "--large"]) == 2
+    assert main(["reproduce", "memory", "--max-runs", "1"]) == 2  # only --large builds over invocations
+    assert "--max-runs 1: only pretrain, precision and memory --large" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("argv", [["--quick"], ["--quick", "--out", "{out}/docs/results"],
