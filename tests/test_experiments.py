@@ -1,6 +1,9 @@
 """Smoke tests of `subspace-optim reproduce NAME --quick`: each writes its report and plots at toy size, and never
 where the committed reports live; --dry-run runs and writes nothing. (pretrain: tests/test_study.py.)"""
 
+import json
+from pathlib import Path
+
 import pytest
 
 from subspace_optim.cli import EXPERIMENTS, main
@@ -143,6 +146,12 @@ def test_memory_large_end_to_end_at_toy_size(out, monkeypatch, capsys):
     assert "equal the uninterrupted run's bitwise" in report and "DIFFER" not in report
     assert "| llama-tiny, int8 weights | 1.0 |" in report and "runtime (Python, torch, libraries)" in report
     assert "transients of the peak's phase" in report and "host" in report
+    runs = Path("runs") / "reproduce" / "memory-large"
+    assert json.loads((runs / "llama-tiny-int8-weights-resumed" / "verified.json").read_text())["bitwise"]
+    assert not (runs / "llama-tiny-int8-weights" / "checkpoints").exists()  # the verdict kept, the bytes freed
+    assert main(["reproduce", "memory", "--large", "--out", str(out / "report")]) == 0  # reused, from the verdict
+    body = lambda text: text.split("\nLLaMA-7B and 13B, trained", 1)[1]  # noqa: E731 (the header times itself)
+    assert body((out / "report" / "memory-large.md").read_text()) == body(report)
     monkeypatch.setattr(memory_large, "RUNS", (("llama-tiny, bf16 weights", 1.0,
                                                 dict(model="llama-tiny", rank=16)),))
     assert main(["reproduce", "memory", "--large", "--max-runs", "0", "--out", str(out / "report")]) == 0

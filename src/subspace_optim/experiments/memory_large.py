@@ -2,7 +2,8 @@
 
 Each configuration trains N + 1 steps in a fresh process (checkpoints at N and N + 1), then the step-N checkpoint is
 resumed in another fresh process for one step, whose weights must equal the uninterrupted run's bitwise. The
-peak RSS of both processes and the harness's attributed breakdown (memory.breakdown) are set beside the estimate
+verdict is written to the resumed run's ``verified.json`` and both runs' checkpoints are then deleted: they are
+tens of GB each (a 7B run's three hold 52 GB), more than this machine's disk keeps for the next model. The peak RSS of both processes and the harness's attributed breakdown (memory.breakdown) are set beside the estimate
 (``estimate(..., host=True)``) and AdamW's estimate for the same batch. Tens of minutes per configuration on this
 project's 2-core machine: never run by the test suite.
 """
@@ -73,6 +74,19 @@ def _same_weights(a: Path, b: Path) -> bool:
         return set(x.keys()) == set(y.keys()) and all(torch.equal(x.get_tensor(k), y.get_tensor(k)) for k in x.keys())
 
 
+def _verified(out: Path, resumed: Path) -> bool:
+    """Whether the resumed step's weights equal the uninterrupted run's: compared once, then the verdict is kept in
+    ``verified.json`` and both runs' checkpoints are deleted."""
+    verdict = resumed / "verified.json"
+    if not verdict.is_file():
+        last = f"checkpoints/step_{STEPS + 1:08d}/model.safetensors"
+        bitwise = _same_weights(out / last, resumed / last)
+        verdict.write_text(json.dumps({"bitwise": bitwise, "compared": last}) + "\n")
+        for run in (out, resumed):
+            shutil.rmtree(run / "checkpoints")
+    return json.loads(verdict.read_text())["bitwise"]
+
+
 def finished(out: Path, flags: dict) -> bool:
     """Whether the uninterrupted run and its resumed step are both in ``out`` with these settings."""
     config = out / "config.json"
@@ -102,11 +116,10 @@ def measure(out: Path, flags: dict) -> dict:
         (resumed / "summary.json").unlink()
         seconds = _train(["--resume", str(resumed)], resumed.with_suffix(".log"))
         (resumed / "wall_seconds").write_text(f"{seconds:.1f}\n")
-    last = f"checkpoints/step_{STEPS + 1:08d}/model.safetensors"
     summary = json.loads((out / "summary.json").read_text())
     rows = [line.split(",") for line in (out / "metrics.csv").read_text().splitlines()[1:]]
     return {"summary": summary, "resumed": json.loads((resumed / "summary.json").read_text()),
-            "losses": [float(r[2]) for r in rows], "bitwise": _same_weights(out / last, resumed / last),
+            "losses": [float(r[2]) for r in rows], "bitwise": _verified(out, resumed),
             "seconds": float((out / "wall_seconds").read_text())}
 
 
