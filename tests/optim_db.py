@@ -38,11 +38,11 @@ RULES = {
 
 
 class TinyNet(nn.Module):
-    def __init__(self, dtype=torch.float32):
+    def __init__(self, dtype=torch.float32, width: int = 24):
         super().__init__()
         self.embed = nn.Embedding(16, 10)
-        self.right = nn.Linear(10, 24)
-        self.left = nn.Linear(24, 6)
+        self.right = nn.Linear(10, width)
+        self.left = nn.Linear(width, 6)
         self.conv = nn.Conv1d(3, 6, 4)
         self.to(dtype)
 
