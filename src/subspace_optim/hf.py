@@ -15,7 +15,8 @@ from torch import nn
 
 from .distributed import is_dtensor
 from .groups import subspace_param_groups
-from .optimizer import RULE_CLASSES, SubspaceOptimizer, _choice
+from .engine.settings import check_choice
+from .optimizer import RULE_CLASSES, SubspaceOptimizer
 from .projectors import PROJECTORS
 
 __all__ = ["optimizer_cls_and_kwargs"]
@@ -45,8 +46,8 @@ def optimizer_cls_and_kwargs(
     (``torch.distributed`` initialized, world size > 1, no DTensor parameters) ``process_group`` defaults to the
     world group, so each rank computes 1/N of the SVD refreshes.
     """
-    _choice("projector", projector, PROJECTORS)
-    _choice("rule", rule, RULE_CLASSES)
+    check_choice("projector", projector, PROJECTORS)
+    check_choice("rule", rule, RULE_CLASSES)
     if projector == "hybrid" and kw.get("total_steps") is None:
         raise ValueError("projector='hybrid' needs total_steps= (e.g. the Trainer's max_steps)")
     subspace_param_groups(model, rank, target, include_embeddings=include_embeddings)  # a bad target fails here

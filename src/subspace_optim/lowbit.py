@@ -261,3 +261,29 @@ def chunks(sizes: list[int]) -> list[list[int]]:
         out[-1].append(i)
         total += n
     return [c for c in out if c]
+
+
+def transform_(stored: Tensor, fn, dtype: torch.dtype) -> None:
+    """stored <- fn(stored), computed in ``dtype`` on the decoding and stored back in its own form (a change of
+    basis carries a moment this way: M <- T M)."""
+    store_(stored, fn(decode(stored, dtype)))
+
+
+def step_decoded(fn, params: list[Tensor], grads: list[Tensor], states: list[dict], held: frozenset,
+                 signed: frozenset, bits: int, **hyper) -> None:
+    """Run the rule ``fn`` (pure math on full-precision moments) on decodings of the ``held`` entries of
+    ``states``, in the dtype each has at 32 bits (the gradient's), a chunk of parameters at a time (at most CHUNK
+    numbers, or one larger tensor), and store them back; an entry the step creates is encoded at ``bits``
+    (``signed``: the first moments' keys)."""
+    for chunk in chunks([g.numel() for g in grads]):
+        views = [{k: decode(v, grads[i].dtype) if k in held else v for k, v in states[i].items()} for i in chunk]
+        fn([params[i] for i in chunk], [grads[i] for i in chunk], views, **hyper)
+        for i, view in zip(chunk, views):
+            state = states[i]
+            for k, v in view.items():
+                if k not in held:
+                    state[k] = v
+                elif k in state:
+                    store_(state[k], v)
+                else:  # created by this step
+                    state[k] = encode(v, bits, signed=k in signed)

@@ -36,7 +36,7 @@ import re
 from dataclasses import dataclass
 
 from .lowbit import check_state_bits, stored_bytes
-from .optimizer import RANDOM_BASES
+from .engine.settings import RANDOM_BASES
 from .train.config import dtype_name
 from .train.models import LLAMA_SIZES, MAX_POSITIONS, default_rank
 
@@ -121,7 +121,7 @@ FUSED_CHUNK_TOKENS = 256
 #: of lm_head's float32 size V·h·4 (a float32 copy of the weight, the weight gradient's float32 scratch and
 #: accumulator, ...): measured 4.75 at llama-350m and at llama-1b (594 and 1189 MiB), batch 1 x 256.
 FUSED_FORWARD_FACTOR = 4.75
-#: The float32 block a narrow-dtype write-back holds (optimizer._WRITE_BACK_BLOCK, precision.BLOCK), in bytes.
+#: The float32 block a narrow-dtype write-back holds (engine.subspace.WRITE_BACK_BLOCK, precision.BLOCK), in bytes.
 WRITE_BACK_BYTES = 4 << 22
 
 

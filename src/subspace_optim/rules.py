@@ -261,20 +261,8 @@ class Rule:
         bits = group.get("state_bits", 32)
         if bits == 32:
             return self.fn(params, grads, states, lr=lr, weight_decay=weight_decay, **hyper)
-        for chunk in lowbit.chunks([g.numel() for g in grads]):
-            views = [{k: lowbit.decode(v, grads[i].dtype) if k in self.low_bit else v for k, v in states[i].items()}
-                     for i in chunk]
-            self.fn([params[i] for i in chunk], [grads[i] for i in chunk], views, lr=lr, weight_decay=weight_decay,
-                    **hyper)
-            for i, view in zip(chunk, views):
-                state = states[i]
-                for k, v in view.items():
-                    if k not in self.low_bit:
-                        state[k] = v
-                    elif k in state:
-                        lowbit.store_(state[k], v)
-                    else:  # created by this step
-                        state[k] = lowbit.encode(v, bits, signed=k in FIRST_MOMENTS)
+        lowbit.step_decoded(self.fn, params, grads, states, self.low_bit, FIRST_MOMENTS, bits, lr=lr,
+                            weight_decay=weight_decay, **hyper)
 
     def direction(self, grads: list[Tensor], states: list[dict], group: dict) -> list[Tensor]:
         """U for each gradient (not applied): the rule run on zero buffers with lr = -1."""
