@@ -4,7 +4,7 @@ copies of bf16 gradients.
 A step on ``meta`` tensors runs every kernel's shape logic and no arithmetic; any host synchronisation
 (``.item()``, ``bool(t)``, a masked assignment) raises or shows up as ``_local_scalar_dense`` / ``nonzero`` under a
 dispatch mode. The step's one deliberate read (the non-finite decision, with ``auto``'s switches) goes through
-``optimizer._read``, which the test counts.
+``engine.step.read_host``, which the test counts.
 """
 
 from __future__ import annotations
@@ -16,7 +16,8 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import subspace_optim as so
-from subspace_optim import optimizer as optimizer_module
+from subspace_optim.engine import step as step_module
+from subspace_optim.engine import subspace as subspace_module
 from subspace_optim import rules
 
 SYNC_OPS = {torch.ops.aten._local_scalar_dense.default, torch.ops.aten.nonzero.default,
@@ -39,7 +40,7 @@ class CountSyncs(TorchDispatchMode):
 def reads(monkeypatch):
     """Count the step's deliberate host reads; meta tensors cannot be read, so answer "all finite"."""
     calls = []
-    monkeypatch.setattr(optimizer_module, "_read", lambda t: calls.append(t.numel()) or [0.0] * t.numel())
+    monkeypatch.setattr(step_module, "read_host", lambda t: calls.append(t.numel()) or [0.0] * t.numel())
     # run AdamW's fused kernel on meta too, to check torch's convention that its `step` lives on the device
     monkeypatch.setattr(rules, "_FUSED_DEVICES", rules._FUSED_DEVICES | {"meta"})
     return calls
@@ -74,7 +75,7 @@ def test_a_step_reads_the_host_once_and_keeps_state_on_the_device(cls, projector
 def test_fused_adamw_keeps_step_on_the_device_and_foreach_on_the_host(monkeypatch):
     """torch.optim's convention: a fused kernel reads `step` on the parameter's device, for-each on the host."""
     w = torch.nn.Parameter(torch.empty(4, 3, device="meta"))
-    monkeypatch.setattr(optimizer_module, "_read", lambda t: [0.0] * t.numel())
+    monkeypatch.setattr(step_module, "read_host", lambda t: [0.0] * t.numel())
     for fused_devices, expected in (({"meta"}, "meta"), (set(), "cpu")):
         monkeypatch.setattr(rules, "_FUSED_DEVICES", fused_devices)
         opt = so.SubspaceAdamW([w], lr=1e-2)
@@ -86,7 +87,7 @@ def test_fused_adamw_keeps_step_on_the_device_and_foreach_on_the_host(monkeypatc
 def test_bf16_step_holds_no_fp32_copy_of_all_gradients_and_writes_back_without_an_m_by_n_temporary(monkeypatch):
     """Large fp32 tensors alive at once during a bf16 step: at most the one gradient being projected; none of
     m x n while the update is written back (it is computed a block of rows at a time)."""
-    monkeypatch.setattr(optimizer_module, "_WRITE_BACK_BLOCK", 64)
+    monkeypatch.setattr(subspace_module, "WRITE_BACK_BLOCK", 64)
     torch.manual_seed(0)
     weights = [torch.nn.Parameter(torch.randn(24, 40, dtype=torch.bfloat16)) for _ in range(4)]
     size = 24 * 40
@@ -106,16 +107,16 @@ def test_bf16_step_holds_no_fp32_copy_of_all_gradients_and_writes_back_without_a
                     peak[0] = max(peak[0], len(live))
             return out
 
-    original = optimizer_module.SubspaceOptimizer._apply_back
+    original = subspace_module.Subspace.apply_back
 
-    def apply_back(self, *args):
+    def apply_back(self, *args, **kwargs):
         in_write_back[0] = True
         try:
-            return original(self, *args)
+            return original(self, *args, **kwargs)
         finally:
             in_write_back[0] = False
 
-    monkeypatch.setattr(optimizer_module.SubspaceOptimizer, "_apply_back", apply_back)
+    monkeypatch.setattr(subspace_module.Subspace, "apply_back", apply_back)
     for projector in ("golore", "galore"):
         opt = so.SubspaceAdamW(weights, lr=1e-2, rank=4, projector=projector, update_gap=2)
         for step in range(3):

@@ -12,7 +12,7 @@ from torch import nn
 
 import subspace_optim as so
 from subspace_optim import lowbit
-from subspace_optim import optimizer as optimizer_module
+from subspace_optim.engine import step as step_module
 from subspace_optim import rules
 from subspace_optim.distributed import LOCAL
 from subspace_optim.memory import state_tensors
@@ -148,7 +148,8 @@ def test_a_refresh_transports_moments_by_decoding_transforming_and_encoding(bits
     state = opt.state[net.left]
     old_basis = state["basis"].clone()
     before = {k: lowbit.decode(state[k]) for k in ("exp_avg", "exp_avg_sq")}
-    new_basis = opt._random_basis(net.left, opt.param_groups[1], opt._key(net.left, opt.param_groups[1], 1))
+    space = opt._spaces[net.left]
+    new_basis = space.random_basis(space.key(1))
     transfer = new_basis.T @ old_basis
     expected_m = lowbit.decode(lowbit.encode(transfer @ before["exp_avg"], bits, True))
     v = transfer.square() @ before["exp_avg_sq"] if moments == "rotate" else before["exp_avg_sq"]
@@ -305,7 +306,7 @@ def test_a_bf16_basis_is_held_and_saved_in_bf16_and_random_ones_stay_unsaved(pro
     for p in (net.left, net.right):
         assert opt.state[p]["basis"].dtype == torch.bfloat16
     saved = opt.state_dict()["state"]
-    index = opt._index[net.left]
+    index = opt._spaces[net.left].index
     if projector == "golore":
         assert "basis" not in saved[index]
     else:
@@ -347,7 +348,7 @@ def test_bf16_projection_errors_in_r_and_in_the_update():
         opt = so.SubspaceAdamW([{"params": [net.weight], "rank": 128, "projection_dtype": dtype}], lr=1e-2)
         with torch.no_grad():
             net.weight.zero_()
-            opt._apply_back(net.weight, opt.param_groups[0], basis, update, -1.0)
+            opt._spaces[net.weight].apply_back(basis, update, -1.0)
         if dtype == "float32":
             reference = net.weight.detach().clone()
     assert torch.allclose(reference, basis @ update)
@@ -382,7 +383,7 @@ def test_a_low_bit_step_reads_the_host_once(bits, monkeypatch):
     monkeypatch.setattr(lowbit, "MIN_QUANTIZED", 1)
     monkeypatch.setattr(lowbit, "BLOCK", {8: 8, 4: 8})
     calls = []
-    monkeypatch.setattr(optimizer_module, "_read", lambda t: calls.append(1) or [0.0] * t.numel())
+    monkeypatch.setattr(step_module, "read_host", lambda t: calls.append(1) or [0.0] * t.numel())
     monkeypatch.setattr(rules, "_FUSED_DEVICES", rules._FUSED_DEVICES | {"meta"})
     left = nn.Parameter(torch.empty(8, 32, device="meta"))
     dense = nn.Parameter(torch.empty(16, 8, device="meta"))

@@ -126,7 +126,7 @@ def test_the_state_estimate_equals_the_measured_state_bytes_of_llama_tiny(llama_
 @pytest.mark.parametrize("state_bits", [32, 8])
 @pytest.mark.parametrize("layerwise", [False, True], ids=["standard", "layerwise"])
 def test_the_regenerated_bases_estimate_equals_the_measured_peak_state_of_llama_tiny(llama_tiny, layerwise,
-                                                                                     state_bits):
+                                                                                     state_bits, monkeypatch):
     """--random-basis regenerate: the state held at each weight's write-back (its peak) during a second step,
     byte for byte: every basis in standard mode (step() draws them all first), the largest one layer-wise (during
     backward); between steps none."""
@@ -142,8 +142,11 @@ def test_the_regenerated_bases_estimate_equals_the_measured_peak_state_of_llama_
     model = copy.deepcopy(llama_tiny)
     opt = build_optimizer(resolve(TrainConfig(optimizer="golore", state_bits=state_bits, update_gap=10,
                                               layerwise=layerwise, random_basis="regenerate")), model).optimizer
-    held, write_back = [], opt._apply_back
-    opt._apply_back = lambda *args: (held.append(opt.state_bytes()), write_back(*args))
+    from subspace_optim.engine.subspace import Subspace
+
+    held, write_back = [], Subspace.apply_back
+    monkeypatch.setattr(Subspace, "apply_back", lambda *args, **kwargs: (held.append(opt.state_bytes()),
+                                                                         write_back(*args, **kwargs)))
     params = [p for p in model.parameters() if p.requires_grad]
     for _ in range(2):  # the second step: every moment exists from the start
         held.clear()

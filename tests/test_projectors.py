@@ -84,7 +84,7 @@ def test_golore_basis_is_regenerated_not_saved():
     buffer.seek(0)
     opt2 = make()
     opt2.load_state_dict(torch.load(buffer, weights_only=True))
-    regenerated = opt2._basis(weight, opt2.state[weight], opt2.param_groups[0])
+    regenerated = opt2._spaces[weight].basis(opt2.state[weight])
     assert torch.equal(regenerated, opt.state[weight]["basis"])
     # Different seeds and different parameters get different subspaces.
     other = SubspaceAdamW([weight], lr=0.1, rank=3, update_gap=4, projector="golore", seed=12)

@@ -18,6 +18,7 @@ from torch.distributed.checkpoint.state_dict import (
 )
 
 import subspace_optim as so
+from subspace_optim.engine.subspace import Subspace
 from subspace_optim.memory import state_tensors, tensor_bytes
 
 RANK, GAP, STEPS = 16, 3, 11  # refreshes at 0, 3, 6, 9 (each after the first transports the moments)
@@ -119,14 +120,14 @@ def test_no_drawn_basis_outlives_its_update(projector, layerwise, monkeypatch):
     In standard mode, none outlives step()."""
     net = Net()
     opt = make(net, projector, "regenerate", layerwise=layerwise)
-    drawn, draw = [], opt._random_basis
+    drawn, draw = [], Subspace.random_basis
 
-    def tracked(*args):
-        basis = draw(*args)
+    def tracked(space, key):
+        basis = draw(space, key)
         drawn.append(weakref.ref(basis))
         return basis
 
-    monkeypatch.setattr(opt, "_random_basis", tracked)
+    monkeypatch.setattr(Subspace, "random_basis", tracked)
     for step in range(STEPS):
         drawn.clear()
         opt.zero_grad()

@@ -59,3 +59,35 @@ def test_the_optimizer_core_does_not_import_the_harness():
     assert {"subspace_optim.optimizer", "subspace_optim.memory", "subspace_optim.layers"} <= set(core)
     for module in core + ["subspace_optim"]:
         assert not {d for d in graph[module] if d.startswith(harness)}, module
+
+
+ENGINE = sorted((PACKAGE / "engine").glob("*.py"))
+CORE = [PACKAGE / "optimizer.py", *ENGINE]
+
+
+def _defs(path: Path, kinds) -> list[tuple[str, int]]:
+    """(name, lines) of every definition of ``kinds`` in a file, nested ones included."""
+    return [(f"{path.name}:{node.name}", node.end_lineno - node.lineno + 1)
+            for node in ast.walk(ast.parse(path.read_text())) if isinstance(node, kinds)]
+
+
+def test_the_optimizer_is_a_face_over_the_engine():
+    """Issue 24's shape: small classes, short functions and files, the projector looked up in one place on the
+    step path, low-bit codes touched through lowbit only, never from the torch.optim face."""
+    classes = [d for path in PACKAGE.rglob("*.py") for d in _defs(path, ast.ClassDef)]
+    assert max(lines for _, lines in classes) <= 200, max(classes, key=lambda d: d[1])
+    functions = [d for path in CORE for d in _defs(path, (ast.FunctionDef, ast.AsyncFunctionDef))]
+    assert [d for d in functions if d[1] > 40] == []
+    assert {path.name: n for path in ENGINE if (n := len(path.read_text().splitlines())) > 250} == {}
+    assert len((PACKAGE / "optimizer.py").read_text().splitlines()) <= 300
+    lookups = [path.name for path in CORE for _ in range(path.read_text().count("get_projector("))]
+    assert lookups == ["subspace.py"]
+    assert "lowbit." not in (PACKAGE / "optimizer.py").read_text()
+
+
+def test_the_engine_never_imports_the_optimizer_face():
+    graph = import_graph()
+    engine = [m for m in graph if m.startswith("subspace_optim.engine")]
+    assert len(engine) >= 6
+    for module in engine:
+        assert "subspace_optim.optimizer" not in graph[module], module

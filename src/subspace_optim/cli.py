@@ -211,7 +211,8 @@ def _reproduce(args: argparse.Namespace) -> int:
 
 
 def _add_memory(parser: argparse.ArgumentParser) -> None:
-    from .memory_estimate import ACTIVATION_MODELS, ESTIMATE_OPTIMIZERS, RANDOM_BASES, WEIGHT_FORMATS, estimate_models
+    from .engine.settings import PRECISIONS, RANDOM_BASES, STATE_BITS, WEIGHT_ROUNDINGS
+    from .memory_estimate import ACTIVATION_MODELS, ESTIMATE_OPTIMIZERS, WEIGHT_FORMATS, estimate_models
 
     parser.add_argument("--model", default="llama-7b", help="named model: " + ", ".join(estimate_models())
                         + " (default: llama-7b)")
@@ -228,7 +229,7 @@ def _add_memory(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--activations", default="full", choices=ACTIVATION_MODELS, help="activation model: "
                         "full (Korthikanti et al. 2022, no recomputation), flash (no s x s scores), checkpoint "
                         "(layer inputs + one layer) (default: full)")
-    parser.add_argument("--state-bits", type=int, default=32, choices=(32, 16, 8, 4), help="how the moments are "
+    parser.add_argument("--state-bits", type=int, default=32, choices=STATE_BITS, help="how the moments are "
                         "stored: 32 (in --dtype), 16 (bfloat16), 8 or 4 (block-wise quantized: a code per number, "
                         "a float32 scale per block, a table per tensor) (default: 32)")
     parser.add_argument("--random-basis", default="keep", choices=RANDOM_BASES, help="golore: keep every random "
@@ -240,10 +241,10 @@ def _add_memory(parser: argparse.ArgumentParser) -> None:
                         "matmul as a transient) (default: dense)")
     parser.add_argument("--fused-loss", action="store_true", help="the training uses --fused-loss: no float32 "
                         "logits; lm_head's weight gradient and one chunk's logits instead")
-    parser.add_argument("--weight-rounding", default="nearest", choices=("nearest", "stochastic"),
+    parser.add_argument("--weight-rounding", default="nearest", choices=WEIGHT_ROUNDINGS,
                         help="as `train`'s: stochastic adds a dense tensor's direction buffer to the update's "
                         "transients (default: nearest)")
-    parser.add_argument("--projection-dtype", default="float32", choices=("float32", "bfloat16"),
+    parser.add_argument("--projection-dtype", default="float32", choices=PRECISIONS,
                         help="as `train`'s: float32 projections of a bf16 weight hold a float32 copy of its gradient "
                         "during its update (default: float32)")
     parser.add_argument("--host", action="store_true", help="add what a CPU training process holds beyond its "

@@ -82,7 +82,10 @@ def choices(name: str) -> tuple:
 
 MOMENTS, SIDES, SVD_METHODS = choices("moments"), choices("side"), choices("svd")
 STATE_BITS, RANDOM_BASES, WEIGHT_ROUNDINGS = choices("state_bits"), choices("random_basis"), choices("weight_rounding")
+PRECISIONS = choices("projection_dtype")
 NONFINITE = get_args(Nonfinite)
+#: The inner rules, one optimizer class each (optimizer.RULE_CLASSES).
+RULE_NAMES = tuple(RULES)
 #: Settings that give the saved state its meaning (moments live in the subspace they pick, random bases are
 #: regenerated from the seed, the rule and pca_rule name the state's keys): load_state_dict refuses a checkpoint
 #: saved with other values unless told to adopt them (strict=False).

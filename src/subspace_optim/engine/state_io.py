@@ -13,8 +13,8 @@ from .. import lowbit
 from ..distributed import is_dtensor, local
 from ..projectors import PROJECTORS, reset_steps
 from ..rules import FIRST_MOMENTS, get_rule
+from . import step
 from .settings import PRECISION_SETTINGS, STATE_SETTINGS, basis_dtype
-from .step import read_host
 from .subspace import Subspace, held, init_counters
 
 
@@ -161,7 +161,7 @@ def is_template_step(live: list[tuple[Tensor, dict]], has_state: bool, groups: l
     largest = torch.stack([n.float() for n in norms]).max().reshape(1)
     if any(is_dtensor(p) for p, _ in live):
         dist.all_reduce(largest, op=dist.ReduceOp.MAX)
-    return read_host(largest)[0] == 0
+    return step.read_host(largest)[0] == 0
 
 
 def _is_zero(lr) -> bool:

@@ -51,8 +51,8 @@ NOT_RESUMABLE = ("galore-torch",)
 #: Not on the training path: the command line, the HF Trainer adapter, the memory estimator.
 NOT_TRAINING = ("cli.py", "__main__.py", "hf.py", "memory_estimate.py")
 #: The optimizer library, identified by its behaviour (``optimizer_probe``) rather than by its source.
-PROBED = ("optimizer.py", "projectors.py", "rules.py", "lowbit.py", "distributed.py", "groups.py",
-          "train/optimizers.py")
+PROBED = ("optimizer.py", *sorted(f"engine/{p.name}" for p in (PACKAGE / "engine").glob("*.py")), "projectors.py",
+          "rules.py", "lowbit.py", "distributed.py", "groups.py", "train/optimizers.py")
 #: The harness's settings, identified by what they resolve to (``resolved_settings``) rather than by their source.
 SETTINGS_CODE = "train/config.py"
 #: Settings of where a run writes and how it reports, not of what it computes.

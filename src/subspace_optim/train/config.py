@@ -11,6 +11,10 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ..engine.settings import (MOMENTS, PRECISIONS, RANDOM_BASES, RULE_NAMES, SIDES, STATE_BITS,
+                               WEIGHT_ROUNDINGS)
+from ..rules import ARITHMETICS
+
 
 class UsageError(Exception):
     """A user error (bad flag, missing data, ...): the CLI prints the message on one line and exits 2."""
@@ -21,8 +25,6 @@ def _f(default, help, **meta):
 
 
 TASKS = ("lm", "classify", "sft")
-RULE_NAMES = ("adamw", "sgd", "adafactor", "lion")
-MOMENTS = ("keep", "project", "rotate", "reset")
 #: --dtype spellings: torch's names and their short forms, the same for `train`, `finetune` and `memory`.
 DTYPE_NAMES = {"float32": "float32", "fp32": "float32", "bfloat16": "bfloat16", "bf16": "bfloat16",
                "float16": "float16", "fp16": "float16"}
@@ -86,18 +88,18 @@ class TrainConfig:
     rso_eta: float | None = _f(None, "--optimizer rso: add the proximal term ||B||^2 / (2 eta) to each subproblem "
                                "(default: none)", type=float)
     side: str = _f("std", "which side of a projected weight is reduced: std (the smaller one, GaLore's rule), left "
-                   "(rows, the output side) or right (columns, the input side: RSO's)", choices=("std", "left", "right"))
+                   "(rows, the output side) or right (columns, the input side: RSO's)", choices=SIDES)
     state_bits: int = _f(32, "how the optimizer's moments are held: 32 (float32, as torch.optim), 16 (bfloat16), 8 "
                          "or 4 (block-wise quantized, torchao's optimizer states; needs the 'lowbit' extra)",
-                         choices=(32, 16, 8, 4))
+                         choices=STATE_BITS)
     random_basis: str = _f("keep", "whether the optimizer holds a random basis (golore's; golore@X's and auto's "
                            "after their switch) between steps: keep, or regenerate it from its seed when needed "
                            "(the same numbers, without its memory, for one QR of a d x r Gaussian per weight per "
-                           "step)", choices=("keep", "regenerate"))
+                           "step)", choices=RANDOM_BASES)
     projection_dtype: str = _f("float32", "the dtype of the projections R = Pᵀ G and P U: float32 (exact to "
                                "float32), or bfloat16 (the matmul accumulates in float32 and rounds once: with "
                                "bf16 weights no float32 copy of G, and bf16 matrix units: 3.7x faster per 7B MLP "
-                               "weight on this CPU)", choices=("float32", "bfloat16"), type=dtype_name)
+                               "weight on this CPU)", choices=PRECISIONS, type=dtype_name)
     weights: str = _f("dense", "how the linear weights that the optimizer projects are held: dense (in --dtype) or "
                       "int8 (Q-GaLore's idea: int8 codes and a --dtype scale per row, torchao's int8 quantized "
                       "training, every update stochastically rounded; embeddings, norms and lm_head stay in "
@@ -105,11 +107,11 @@ class TrainConfig:
     weight_rounding: str = _f("nearest", "how an update is rounded into a bfloat16 weight: nearest (drops an "
                               "update below half a bf16 unit of the weight) or stochastic (unbiased, as torchao's "
                               "bf16_stochastic_round); float32 weights are unaffected",
-                              choices=("nearest", "stochastic"))
+                              choices=WEIGHT_ROUNDINGS)
     adam_arithmetic: str = _f("torch", "AdamW's arithmetic in our optimizers: torch (torch.optim.AdamW's) or "
                               "galore-torch (GaLoreAdamW's: eps 1e-6 added to sqrt(v) before the bias correction, "
                               "weight decay after the update; --optimizer galore --moments keep then reproduces "
-                              "--optimizer galore-torch)", choices=("torch", "galore-torch"))
+                              "--optimizer galore-torch)", choices=ARITHMETICS)
     lora_rank: int | None = _f(None, "--optimizer lora: rank of the adapters (default: --rank's default, a "
                                "quarter of the hidden size)", type=int)
     lora_alpha: float | None = _f(None, "--optimizer lora: adapter scale alpha (the update is alpha / rank * B A; "
@@ -131,7 +133,7 @@ class TrainConfig:
     clip: float | None = _f(None, "clip the global gradient norm to this value; 0 disables "
                             "(default 1.0; 0 with --layerwise)", type=float)
     dtype: str = _f("float32", "parameter dtype, also spelled fp32 / bf16 (bfloat16: pure bf16 training as in "
-                    "GaLore)", choices=("float32", "bfloat16"), type=dtype_name)
+                    "GaLore)", choices=PRECISIONS, type=dtype_name)
     device: str = _f("auto", "cpu, cuda, or auto (cuda when available)", choices=("auto", "cpu", "cuda"))
     distributed: str = _f("none", "none, ddp or fsdp2: train data-parallel over the processes of torchrun "
                           "(torchrun --nproc_per_node N -m subspace_optim train ... --distributed ddp); "
