@@ -146,6 +146,35 @@ def case_layerwise(base, rule: str, projector: str, micro: int) -> float:
     return max_error(model, ref)
 
 
+def case_subspace(base, projector: str, layerwise: bool, micro: int) -> dict:
+    """grad_comm="subspace" under DDP against standard single-process steps on the whole batch, and what the
+    optimizer's own group reduced: numbers per step, against the projected weights' whole gradients."""
+    ref = reference(base, "adamw", micro=micro, **settings(projector))
+    model = copy.deepcopy(base)
+    opt = make_optimizer("adamw", model, grad_comm="subspace", layerwise=layerwise, accumulation_steps=micro,
+                         **settings(projector))
+    sent, original = [], dist.all_reduce
+
+    def counted(tensor, *args, group=None, **kwargs):
+        if group is opt._comm_group:
+            sent.append(tensor.numel())
+        return original(tensor, *args, group=group, **kwargs)
+
+    dist.all_reduce = counted
+    try:
+        train(so.subspace_ddp(model, opt), opt, STEPS, micro=micro, per_rank=True)
+    finally:
+        dist.all_reduce = original
+    projected = groups(model)[1]["params"]
+    error, per_step = max_error(model, ref), sum(sent) / STEPS
+    for k in range(micro):  # one more step (8: no refresh due), looked at between backward and step()
+        model(*local_batch(80 + k)).backward()
+    freed = all(p.grad is None for p in projected)  # R alone was kept (and sent) where no whole G is needed
+    opt.step()
+    return {"error": error, "sent_per_step": per_step, "whole": sum(p.numel() for p in projected),
+            "freed_in_backward": freed}
+
+
 def case_checkpoint(base, rule: str, projector: str, folder: Path, **extra) -> dict:
     """Save at step 3 with DCP, resume in a fresh model and optimizer: bitwise equal to never stopping."""
     cfg = {**settings(projector), **extra}
@@ -206,6 +235,10 @@ def main(out: str, folder: str) -> None:
             results[name] = case_regenerate(base, projector, layerwise)
         results[f"dcp-regenerate/adamw/{projector}"] = case_checkpoint(
             base, "adamw", projector, Path(folder) / f"regenerate-{projector}", random_basis="regenerate")
+    for projector in PROJECTORS:  # gradients reduced in the subspace, standard and layer-wise, with accumulation
+        for layerwise, micro in ((False, 1), (True, 1), (True, 2)):
+            mode = "-layerwise" * layerwise + "-accumulate" * (micro > 1)
+            results[f"ddp-subspace{mode}/adamw/{projector}"] = case_subspace(base, projector, layerwise, micro)
     # Low-precision moments. bf16 rounds each number alone: the sharded run matches one process as fp32 does. The
     # worker's tensors are far below the 4096-number threshold, so 8-bit quantizes here every local moment of a
     # whole number of 3-number blocks: a right projection's column shard (r x D_i) groups its numbers into other

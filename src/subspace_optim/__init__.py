@@ -14,6 +14,7 @@ from .optimizer import (
     SubspaceOptimizer,
     SubspaceSGD,
 )
+from .engine.comm import subspace_ddp
 from .projectors import Projector, get_projector, haar_stiefel, register_projector, top_singular
 
 __all__ = [
@@ -28,6 +29,7 @@ __all__ = [
     "GoLoreAdamW",
     "GoLoreSGD",
     "OnlineSubspaceAdamW",
+    "subspace_ddp",
     "Projector",
     "register_projector",
     "get_projector",

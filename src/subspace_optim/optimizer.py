@@ -6,10 +6,8 @@ For a projected weight W (m x n, trailing dims flattened) with basis P (d x r, d
     W <- W - lr * (scale * P U + weight_decay * W)
 Right-projected weights (m >= n under GaLore's "std" rule) are handled as Wᵀ, so every state is r x D.
 Every ``update_gap`` steps the projector picks a new basis and the moments follow the ``moments`` policy.
-Parameters of groups without ``rank`` (and 1-D ones) take the same rule at full rank.
-
-This file is the torch.optim face; the engine (engine/) does the work: settings, a weight's Subspace, the step,
-layer-wise hooks and saved state.
+Parameters of groups without ``rank`` (and 1-D ones) take the same rule at full rank. This file is the
+torch.optim face; engine/ does the work (settings, a weight's Subspace, the step, hooks, communication, state).
 """
 
 from __future__ import annotations
@@ -20,8 +18,8 @@ import weakref
 import torch
 from torch.optim import Optimizer
 
-from .engine import layerwise, state_io, step
-from .engine.settings import NONFINITE, SETTINGS, check_choice, check_group
+from .engine import comm, layerwise, state_io, step
+from .engine.settings import GRAD_COMMS, NONFINITE, SETTINGS, check_choice, check_group
 from .engine.subspace import Subspace
 from .memory import state_tensors, tensor_bytes
 from .rules import get_rule
@@ -37,16 +35,15 @@ class SubspaceOptimizer(Optimizer):
         carrying ``"rank"``. A rank >= min(m, n) trains that parameter at full rank (one warning).
       Every field of ``engine.settings.GroupSettings`` (update_gap, scale, projector, moments, seed, side, svd,
         state_bits, basis_dtype, projection_dtype, random_basis, weight_rounding, ...), per group overridable.
-        random_basis="regenerate" draws a random basis again from its key (seed, parameter index, refresh count)
-        whenever it is needed, the same bits as "keep", for one QR of a d x r Gaussian per weight per step
-        (13% of the two projections' flops at LLaMA-7B's shapes, r = 1024), drawn on the CPU generator so that
-        every device draws the same basis; it saves the bases between steps (1.9 GB at 7B, r = 1024, bf16).
       layerwise: update each parameter from its post-accumulate-grad hook during backward and free its
         gradient at once; with ``accumulation_steps = k`` the *projected* gradient is accumulated over k
         micro-batches. Outside layer-wise mode accumulate as with torch.optim (k backward passes, then step()).
         The hooks hold the optimizer weakly: they go with it, or with ``remove_hooks()``; a parameter takes one
         live layer-wise optimizer at a time. A GradScaler is refused (the hooks would see scaled gradients): use
         bf16 autocast, which needs none.
+      grad_comm: ``"full"`` (default) or ``"subspace"``: under DDP (``subspace_ddp(model, optimizer)``), each
+        projected gradient is all-reduced as R = Pᵀ G from its hook, asynchronously (engine/comm.py); updates are
+        taken at step(), and accumulation_steps counts the micro-batches, layer-wise or not.
       nonfinite: ``"skip"`` (default) leaves every parameter and state untouched when any gradient has a
         NaN/inf and counts it in ``skipped_steps``; ``"raise"`` raises FloatingPointError. In layer-wise mode the
         decision is per parameter, applied on the device and read once, at ``step()`` (which raises there).
@@ -55,19 +52,25 @@ class SubspaceOptimizer(Optimizer):
     rule_name = ""
 
     def __init__(self, params, *, lr: float, weight_decay: float = 0.0, rank: int | None = None,
-                 layerwise: bool = False, nonfinite: str = "skip", process_group=None, **settings):
+                 layerwise: bool = False, nonfinite: str = "skip", process_group=None, grad_comm: str = "full",
+                 **settings):
         rule = get_rule(self.rule_name)
         unknown = set(settings) - set(SETTINGS) - set(rule.defaults)
         if unknown:
             raise TypeError(f"{type(self).__name__} got unexpected keyword arguments {sorted(unknown)}")
         check_choice("nonfinite", nonfinite, NONFINITE)
+        check_choice("grad_comm", grad_comm, GRAD_COMMS)
         if rank is not None and not isinstance(params, torch.Tensor):  # a bare tensor gets torch's TypeError
             params = list(params)
             if any(isinstance(p, dict) for p in params):
                 raise ValueError("rank= applies to plain parameters; with param groups, put 'rank' in the groups")
             params = [{"params": params, "rank": rank}]
         self.layerwise, self.nonfinite, self.process_group = bool(layerwise), nonfinite, process_group
+        self.grad_comm = grad_comm
         self._init_transient()
+        if grad_comm == "subspace":
+            self._comm_group = comm.comm_group(process_group)
+            self.process_group = process_group or torch.distributed.group.WORLD  # its SVD refreshes, shared
         # The rule's name and the skip counter live in every group, so that state_dict (and DCP, which keeps only
         # "state" and "param_groups") saves them.
         defaults = {"lr": lr, "weight_decay": weight_decay, **SETTINGS, **rule.defaults, **settings,
@@ -78,6 +81,7 @@ class SubspaceOptimizer(Optimizer):
     def _init_transient(self) -> None:
         """What is not state: each parameter's Subspace (rebuilt from param_groups) and the layer-wise hooks."""
         self._guards: list[layerwise.Guard] = []
+        self._in_flight: list[comm.InFlight] = []
         self._spaces: dict[torch.Tensor, Subspace] = {}
         self._hooks: list = []
         weakref.finalize(self, layerwise.remove_handles, self._hooks)
@@ -95,11 +99,12 @@ class SubspaceOptimizer(Optimizer):
             for key in own:
                 group.setdefault(key, self.defaults[key])
         if "layerwise" in state:  # a copy (pickle, deepcopy); load_state_dict passes only state and param_groups
-            self.process_group = None  # not copyable: a copy computes its SVD refreshes itself
+            # not copyable: a copy computes its SVD refreshes itself and reduces nothing (grad_comm="full")
+            self.process_group, self.grad_comm = None, "full"
             self._init_transient()
             self.register_state_dict_post_hook(state_io.drop_regenerable_bases)
-            if self.layerwise:
-                layerwise.hook(self, [p for g in self.param_groups for p in g["params"]])
+            self._reindex()
+            self._hook([p for g in self.param_groups for p in g["params"]])
         self._reindex()
 
     @property
@@ -112,12 +117,12 @@ class SubspaceOptimizer(Optimizer):
         group = self.param_groups[-1]
         try:
             self._validate(group)
-            if self.layerwise:
-                layerwise.hook(self, group["params"])
+            self._reindex()
+            self._hook(group["params"])
         except Exception:
             self.param_groups.pop()  # leave the optimizer as it was
+            self._reindex()
             raise
-        self._reindex()
         full = [tuple(p.shape) for p in group["params"] if p.dim() >= 2 and not self._spaces[p].projects]
         if group.get("rank") is not None and full:
             warnings.warn(f"rank {group['rank']} >= min(m, n) for {len(full)} parameter(s) {full[:4]}: "
@@ -133,7 +138,14 @@ class SubspaceOptimizer(Optimizer):
                 self._spaces[p] = Subspace(p, len(self._spaces), group, type(self).__name__, self.process_group)
 
     def _validate(self, group: dict) -> None:
-        check_group(group, self.rule_name, self.layerwise, type(self).__name__)
+        accumulates = self.layerwise or self.grad_comm == "subspace"  # hooks that count micro-batches
+        check_group(group, self.rule_name, accumulates, type(self).__name__)
+
+    def _hook(self, params: list) -> None:
+        if self.grad_comm == "subspace":
+            comm.hook(self, params)
+        elif self.layerwise:
+            layerwise.hook(self, params)
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -142,15 +154,18 @@ class SubspaceOptimizer(Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        if self.layerwise and hasattr(self, "found_inf"):  # set by GradScaler.step, see _step_supports_amp_scaling
+        if self._step_supports_amp_scaling and hasattr(self, "found_inf"):  # set by GradScaler.step
             raise RuntimeError(
                 "layer-wise mode cannot be used with a GradScaler: its hooks updated the weights from scaled "
                 "gradients during backward. Use bf16 autocast (no scaler), or layerwise=False"
+                if self.layerwise and self.grad_comm == "full" else "grad_comm='subspace' cannot be used with a "
+                "GradScaler: its hooks reduced scaled gradients during backward. Use bf16 autocast (no scaler)"
             )
         # Layer-wise hooks took their gradients in backward; any left were set by hand (e.g. by DCP's zero-gradient
         # step that creates the state) and take the standard path, unless a hook is still accumulating them.
         if any(p not in self._spaces for group in self.param_groups for p in group["params"]):
             self._reindex()  # the groups hold other parameters now (accelerate's FSDP2 swap)
+        reduced = comm.settle(self)  # grad_comm="subspace": the reduced R (a whole G is back in .grad)
         live = [(p, group) for group in self.param_groups for p in group["params"]
                 if p.grad is not None and not self.state.get(p, {}).get("micro")]
         if state_io.is_template_step(live, bool(self.state), self.param_groups):
@@ -158,6 +173,8 @@ class SubspaceOptimizer(Optimizer):
                 state_io.init_state(self._spaces[p], self.state[p])
             return loss
         works = [step.prepare(self._spaces[p], self.state[p], p.grad) for p, _ in live]
+        if reduced:
+            works = sorted(works + reduced, key=lambda w: w.space.index)
         taken = layerwise.settle(self)  # layer-wise updates of this step's backward
         if not step.take(works, self.nonfinite) or not taken:
             for group in self.param_groups:
@@ -166,9 +183,9 @@ class SubspaceOptimizer(Optimizer):
 
     @property
     def _step_supports_amp_scaling(self) -> bool:
-        """In layer-wise mode, makes GradScaler.step set ``found_inf`` and call step(), which then refuses it (by
-        default the scaler finds no gradients to unscale and fails with a puzzling "No inf checks" error)."""
-        return self.layerwise
+        """With hooks (layer-wise, subspace reductions), makes GradScaler.step set ``found_inf`` and call step(),
+        which then refuses it (by default the scaler fails with a puzzling "No inf checks" error)."""
+        return self.layerwise or self.grad_comm == "subspace"
 
     def remove_hooks(self) -> None:
         """Remove the layer-wise hooks: backward no longer updates anything (step() then steps the gradients it
@@ -186,8 +203,7 @@ class SubspaceOptimizer(Optimizer):
                 if isinstance(s, dict) and s.get("switched_at", -1) >= 0 and p in self._spaces}
 
     def load_state_dict(self, state_dict: dict, strict: bool = True) -> None:
-        """Load as torch.optim does, but keep each state tensor's saved dtype (projector state stays float32
-        for bf16 parameters) and check that the saved subspace state fits these parameters.
+        """Load as torch.optim does, keeping each state tensor's saved dtype; check that the state fits.
 
         ``strict`` (default, and what DCP's set_optimizer_state_dict gets): refuse a checkpoint whose groups were
         saved with other STATE_SETTINGS (rank, projector, side, seed, rule, pca_rule), whose state would be read

@@ -39,11 +39,12 @@ def check_reduced(p: Tensor) -> None:
         )
 
 
-def hook(optimizer, params: list[Tensor]) -> None:
-    """Register the layer-wise hooks on ``params``, refusing any that another live layer-wise optimizer has. The
-    hooks hold the optimizer weakly, so that dropping it drops them too."""
+def hook(optimizer, params: list[Tensor], on_grad=None) -> None:
+    """Register the layer-wise hooks (``on_grad``: another hook body, comm.py's) on ``params``, refusing any that
+    another live optimizer's hooks have. The hooks hold the optimizer weakly, so that dropping it drops them."""
     for p in params:
-        check_reduced(p)
+        if on_grad is None:
+            check_reduced(p)
         owner = _HOOK_OWNERS.get(p, lambda: None)()
         if owner is not None and owner is not optimizer:
             raise ValueError(
@@ -53,7 +54,8 @@ def hook(optimizer, params: list[Tensor]) -> None:
     ref = weakref.ref(optimizer)
     for p in params:
         _HOOK_OWNERS[p] = ref
-        optimizer._hooks.append(p.register_post_accumulate_grad_hook(functools.partial(_run_hook, ref)))
+        optimizer._hooks.append(p.register_post_accumulate_grad_hook(
+            functools.partial(_run_hook, ref, on_grad or on_gradient)))
 
 
 def unhook(optimizer, params) -> None:
@@ -69,10 +71,10 @@ def remove_handles(handles: list) -> None:
     handles.clear()
 
 
-def _run_hook(optimizer: weakref.ref, p: Tensor) -> None:
+def _run_hook(optimizer: weakref.ref, on_grad, p: Tensor) -> None:
     live = optimizer()
     if live is not None:
-        on_gradient(live, p)
+        on_grad(live, p)
 
 
 @torch.no_grad()
@@ -90,7 +92,7 @@ def on_gradient(optimizer, p: Tensor) -> None:
             return  # autograd keeps summing into p.grad
         works = [step.prepare(space, state, p.grad)]
     else:
-        works = _accumulate_lowrank(space, state, last)
+        works = accumulate_lowrank(space, state, last)
         if works is None:
             return
     state.pop("acc", None)
@@ -99,7 +101,7 @@ def on_gradient(optimizer, p: Tensor) -> None:
     p.grad = None
 
 
-def _accumulate_lowrank(space: Subspace, state: dict, last: bool) -> list[Work] | None:
+def accumulate_lowrank(space: Subspace, state: dict, last: bool) -> list[Work] | None:
     """Add this micro-batch's R = Pᵀ G to the accumulator and free G; on the last, the update's work."""
     if state["micro"] == 1 and space.projector.refresh_due(state, space.group):
         # A data-independent refresh needs no gradient: draw it now and accumulate in its basis, but commit it

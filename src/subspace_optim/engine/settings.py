@@ -22,6 +22,7 @@ Precision = Literal[tuple(lowbit.DTYPES)]  # ("float32", "bfloat16")
 RandomBasis = Literal["keep", "regenerate"]
 WeightRounding = Literal[precision.WEIGHT_ROUNDINGS]  # ("nearest", "stochastic")
 Nonfinite = Literal["skip", "raise"]
+GradComm = Literal["full", "subspace"]
 
 
 @dataclass(frozen=True)
@@ -64,7 +65,11 @@ class GroupSettings:
     basis_dtype: Precision = "float32"
     #: the dtype of R = Pᵀ G and P U (bfloat16: the matmul accumulates in float32 and rounds once)
     projection_dtype: Precision = "float32"
-    #: whether a random basis is held between steps, or regenerated from its key when needed (the same bits)
+    #: whether a random basis (GoLore's; hybrid's and auto's after their switch) is held between steps (keep), or
+    #: deleted after its weight's update and drawn again from its key when needed (regenerate): the same bits, for
+    #: one QR of a d x r Gaussian per weight per step (13% of the two projections' flops at LLaMA-7B's shapes,
+    #: r = 1024), drawn on the CPU generator so that every device draws the same basis; it saves the bases
+    #: between steps (1.9 GB at 7B, r = 1024, bf16)
     random_basis: RandomBasis = "keep"
     #: how an update is rounded into a bfloat16 weight: nearest, or stochastic (unbiased); int8 is always stochastic
     weight_rounding: WeightRounding = "nearest"
@@ -83,7 +88,7 @@ def choices(name: str) -> tuple:
 MOMENTS, SIDES, SVD_METHODS = choices("moments"), choices("side"), choices("svd")
 STATE_BITS, RANDOM_BASES, WEIGHT_ROUNDINGS = choices("state_bits"), choices("random_basis"), choices("weight_rounding")
 PRECISIONS = choices("projection_dtype")
-NONFINITE = get_args(Nonfinite)
+NONFINITE, GRAD_COMMS = get_args(Nonfinite), get_args(GradComm)
 #: The inner rules, one optimizer class each (optimizer.RULE_CLASSES).
 RULE_NAMES = tuple(RULES)
 #: Settings that give the saved state its meaning (moments live in the subspace they pick, random bases are
