@@ -49,7 +49,7 @@ def build(method: str, model, rank: int):
     import torch
 
     import subspace_optim as so
-    from subspace_optim.layers import RSOController, apply_rso, rso_layers
+    from subspace_optim.rso import RSOController, apply_rso, rso_layers
 
     lr = 1e-3  # irrelevant to memory and time
     if method == "rso":

@@ -135,7 +135,7 @@ def test_training_code_holds_every_module_a_run_imports(tmp_path):
     hashed = set(runstore.training_code())
     # the command line imports the memory estimator for its `memory` subcommand's flags; a run never calls it
     assert {f for f in files if f.name not in runstore.NOT_TRAINING} <= hashed
-    assert runstore.PACKAGE / "layers.py" in files and runstore.PACKAGE / "train" / "tokenizer.py" in hashed
+    assert runstore.PACKAGE / "rso.py" in files and runstore.PACKAGE / "train" / "tokenizer.py" in hashed
     # the harness is digested by source, the optimizer library by the probe, and nothing is in neither
     harness = set(runstore.harness_code())
     assert all((runstore.PACKAGE / f).is_file() for f in runstore.PROBED)
