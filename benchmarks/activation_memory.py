@@ -73,7 +73,7 @@ def build(method: str, model, rank: int):
 def worker(method: str, batch: int, seq: int, steps: int, rank: int, variant: str) -> dict:
     import torch
 
-    from subspace_optim.memory import (
+    from subspace_optim.memory_measured import (
         SavedActivations,
         gradient_bytes,
         optimizer_state_bytes,

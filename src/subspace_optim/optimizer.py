@@ -29,7 +29,7 @@ from torch.utils.weak import WeakIdKeyDictionary
 
 from . import lowbit, precision
 from .distributed import LOCAL, Layout, OwnedRefresh, is_dtensor, layout_of, local, run_owned
-from .memory import state_tensors, tensor_bytes
+from .memory_measured import state_tensors, tensor_bytes
 from .projectors import PROJECTORS, derive_seed, get_projector, haar_stiefel, reset_steps
 from .rules import FIRST_MOMENTS, RULES, SECOND_MOMENTS, decays_after_update, get_rule, scalar
 
