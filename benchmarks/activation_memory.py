@@ -49,7 +49,7 @@ def build(method: str, model, rank: int):
     import torch
 
     import subspace_optim as so
-    from subspace_optim.layers import RSOController, apply_rso, rso_layers
+    from subspace_optim.rso import RSOController, apply_rso, rso_layers
 
     lr = 1e-3  # irrelevant to memory and time
     if method == "rso":
@@ -73,7 +73,7 @@ def build(method: str, model, rank: int):
 def worker(method: str, batch: int, seq: int, steps: int, rank: int, variant: str) -> dict:
     import torch
 
-    from subspace_optim.memory import (
+    from subspace_optim.memory_measured import (
         SavedActivations,
         gradient_bytes,
         optimizer_state_bytes,

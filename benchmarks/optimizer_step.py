@@ -27,7 +27,7 @@ import torch
 
 from subspace_optim import SubspaceAdamW
 from subspace_optim.lowbit import stored_bytes
-from subspace_optim.memory import optimizer_state_bytes
+from subspace_optim.memory_measured import optimizer_state_bytes
 from subspace_optim.experiments.refresh_cost import refresh_costs
 
 HIDDEN, INTER, LAYERS, VOCAB = 512, 1376, 8, 32000

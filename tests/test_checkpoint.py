@@ -180,7 +180,7 @@ def test_missing_checkpoint(run_dir, tmp_path, capsys):
     assert "has no checkpoint yet" in resume_error(copy, capsys)
 
 
-@pytest.mark.skipif(not __import__("subspace_optim.memory", fromlist=["x"]).reset_peak(torch.device("cpu")),
+@pytest.mark.skipif(not __import__("subspace_optim.memory_measured", fromlist=["x"]).reset_peak(torch.device("cpu")),
                     reason="needs a resettable peak RSS (Linux)")
 def test_weights_are_saved_and_loaded_without_a_second_copy(tmp_path):
     """Saving streams each tensor from its own memory and loading copies one tensor at a time into the model: the
@@ -188,7 +188,7 @@ def test_weights_are_saved_and_loaded_without_a_second_copy(tmp_path):
     An int8 weight is saved as its codes and row scales, and loads back bitwise."""
     from torch import nn
 
-    from subspace_optim.memory import PhasePeaks, return_freed_memory, weight_bytes
+    from subspace_optim.memory_measured import PhasePeaks, return_freed_memory, weight_bytes
     from subspace_optim.precision import to_int8
 
     return_freed_memory()

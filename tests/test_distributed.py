@@ -28,6 +28,8 @@ WORKER = Path(__file__).with_name("distributed_worker.py")
 sys.path.insert(0, str(WORKER.parent))
 import distributed_worker as worker  # noqa: E402
 
+pytestmark = pytest.mark.distributed
+
 
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):

@@ -43,6 +43,7 @@ def runs(tmp_path_factory):
     return root
 
 
+@pytest.mark.distributed
 @pytest.mark.parametrize("mode", ["ddp", "fsdp2"])
 def test_two_processes_end_at_the_single_process_loss(runs, mode):
     single, distributed = val_loss(runs / "single"), val_loss(runs / mode)
@@ -52,6 +53,7 @@ def test_two_processes_end_at_the_single_process_loss(runs, mode):
     assert not list(runs.glob(f"{mode}*/**/rank*"))  # one run folder, no per-rank copies
 
 
+@pytest.mark.distributed
 def test_fsdp2_checkpoint_resumes_at_two_processes_and_at_one(runs):
     for name in ("single", "fsdp2"):
         shutil.copytree(runs / name, runs / f"{name}-resumed")

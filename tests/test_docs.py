@@ -3,10 +3,13 @@
 import re
 from pathlib import Path
 
+import pytest
 import torch
 
 from subspace_optim import GoLoreAdamW  # noqa: F401 (the README's line is evaluated below)
 from subspace_optim.train.config import TrainConfig
+
+pytestmark = pytest.mark.docs
 
 ROOT = Path(__file__).resolve().parents[1]
 DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").rglob("*.md"))]

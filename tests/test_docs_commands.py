@@ -28,6 +28,8 @@ import pytest
 
 from subspace_optim.cli import main
 
+pytestmark = pytest.mark.docs
+
 ROOT = Path(__file__).resolve().parents[1]
 DOCS = ("README.md", "docs/harness.md", "docs/rso.md", "docs/results/README.md")
 #: Placeholders the docs write for a value of the user's choice, and the value tried.

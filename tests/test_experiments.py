@@ -44,6 +44,7 @@ def test_refresh_cost(out):
     assert "online PCA step" in report and (out / "runs" / "reproduce" / "quick" / "refresh-cost.png").is_file()
 
 
+@pytest.mark.slow
 def test_memory(out):
     """The claim: the estimator reproduces the seeds' totals, LLaMA-7B with Adam in BF16 at 58 GB (activation
     checkpointing) and GPT-3 175B at 1620 GB (no recomputation), within 5%; and the report's table shows those
@@ -59,11 +60,13 @@ def test_memory(out):
     assert "estimate / measured" in report
 
 
+@pytest.mark.slow
 def test_finetune(out):
     report = _reproduce("finetune", out)
     assert "GaLore r=4" in report and "LoRA r=8" in report and "±" in report
 
 
+@pytest.mark.slow
 def test_precision(out):
     report = _reproduce("precision", out)
     for name in ("float32", "bf16, nearest", "bf16, stochastic", "int8, stochastic"):
@@ -132,6 +135,7 @@ def test_auto_without_a_switch_reads_no_switch():
     assert switch_text({("AdamW", 0): 200, ("MSGD", 1): None}) == "AdamW seed 0: step 200, MSGD seed 1: no switch"
 
 
+@pytest.mark.slow
 def test_memory_large_end_to_end_at_toy_size(out, monkeypatch, capsys):
     """The large runs' machinery on llama-tiny: the run, its resumed last step in a fresh process (bitwise equal),
     the attributed peak and the estimate in the report; --max-runs 0 lists a configuration it did not run."""

@@ -131,6 +131,7 @@ def torchrun(tmp_path_factory):
     return ranks, {n: p.detach() for n, p in model.named_parameters()}
 
 
+@pytest.mark.distributed
 @pytest.mark.parametrize("case", ["ddp", "fsdp2"])
 def test_two_processes_train_alike_and_take_the_steps_of_one(torchrun, case):
     """Trainer under torchrun (gloo, CPU). DDP: ``process_group`` is set, so each rank computes half of GaLore's

@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from subspace_optim.memory import SavedActivations
+from subspace_optim.memory_measured import SavedActivations
 from subspace_optim.train.loss import causal_lm_loss
 
 VOCAB, HIDDEN, BATCH, SEQ = 1000, 32, 4, 32

@@ -15,7 +15,7 @@ from subspace_optim import lowbit
 from subspace_optim.engine import step as step_module
 from subspace_optim import rules
 from subspace_optim.distributed import LOCAL
-from subspace_optim.memory import state_tensors
+from subspace_optim.memory_measured import state_tensors
 
 torchao = pytest.importorskip("torchao.optim")
 

@@ -153,7 +153,7 @@ def test_weight_rounding_is_checked():
 
 def _build_peak(dtype, int8):
     """(model, the bytes its build added to the process's peak, measured as the harness measures phases)."""
-    from subspace_optim.memory import PhasePeaks, return_freed_memory
+    from subspace_optim.memory_measured import PhasePeaks, return_freed_memory
     from subspace_optim.train.models import build_causal_lm
     from transformers import LlamaConfig
 
@@ -171,13 +171,13 @@ def _build_peak(dtype, int8):
     return model, phase["peak"] - phase["start"]
 
 
-@pytest.mark.skipif(not __import__("subspace_optim.memory", fromlist=["reset_peak"]).reset_peak(torch.device("cpu")),
+@pytest.mark.skipif(not __import__("subspace_optim.memory_measured", fromlist=["x"]).reset_peak(torch.device("cpu")),
                     reason="needs a resettable peak RSS (Linux)")
 @pytest.mark.parametrize("int8", [False, True])
 def test_a_model_is_built_in_its_dtype_without_a_float32_copy(int8):
     """The build's peak is the bf16 (or int8) model plus a small margin, never the float32 model, and the
     weights keep HF's initialization: normal(0, 0.02) for linear and embedding weights, ones for norms."""
-    from subspace_optim.memory import weight_bytes
+    from subspace_optim.memory_measured import weight_bytes
 
     model, added = _build_peak("bfloat16", int8)
     size = weight_bytes(model)

@@ -19,7 +19,7 @@ from torch.distributed.checkpoint.state_dict import (
 
 import subspace_optim as so
 from subspace_optim.engine.subspace import Subspace
-from subspace_optim.memory import state_tensors, tensor_bytes
+from subspace_optim.memory_measured import state_tensors, tensor_bytes
 
 RANK, GAP, STEPS = 16, 3, 11  # refreshes at 0, 3, 6, 9 (each after the first transports the moments)
 #: the step at which each projector's bases turn random (auto: at its first decision, its z-score threshold being

@@ -38,7 +38,7 @@ def _B_norm(rso_eta, steps=6):
     """‖B‖ of every RSO layer after `steps` steps of the harness's rso optimizer (no merge yet) on a tiny llama."""
     import transformers
 
-    from subspace_optim.layers import rso_layers
+    from subspace_optim.rso import rso_layers
     from subspace_optim.train.config import TrainConfig, resolve
     from subspace_optim.train.optimizers import build_optimizer
 

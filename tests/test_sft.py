@@ -257,7 +257,7 @@ def test_rso_run_exports_plain_linear_layers(work):
     """RSO's W + B P is folded into nn.Linear weights: the exported model computes what the run's model did."""
     from transformers import AutoModelForCausalLM
 
-    from subspace_optim.layers import apply_rso
+    from subspace_optim.rso import apply_rso
     from subspace_optim.train.pretrained import model_config
 
     run = work / "rso"

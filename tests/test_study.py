@@ -122,6 +122,7 @@ def test_code_digest_ignores_docstrings_comments_and_layout_not_code():
     assert runstore._code_only(a) == runstore._code_only(b) != runstore._code_only(a.replace("+ 1", "+ 2"))
 
 
+@pytest.mark.slow
 def test_training_code_holds_every_module_a_run_imports(tmp_path):
     data = tmp_path / "toy.txt"
     data.write_text("\n\n".join(DOCS))
@@ -135,7 +136,7 @@ def test_training_code_holds_every_module_a_run_imports(tmp_path):
     hashed = set(runstore.training_code())
     # the command line imports the memory estimator for its `memory` subcommand's flags; a run never calls it
     assert {f for f in files if f.name not in runstore.NOT_TRAINING} <= hashed
-    assert runstore.PACKAGE / "layers.py" in files and runstore.PACKAGE / "train" / "tokenizer.py" in hashed
+    assert runstore.PACKAGE / "rso.py" in files and runstore.PACKAGE / "train" / "tokenizer.py" in hashed
     # the harness is digested by source, the optimizer library by the probe, and nothing is in neither
     harness = set(runstore.harness_code())
     assert all((runstore.PACKAGE / f).is_file() for f in runstore.PROBED)
@@ -185,6 +186,7 @@ def _planned_quick() -> int:
     return 2 * methods + methods + 7 * 2
 
 
+@pytest.mark.slow
 def test_quick_study_end_to_end(quick):
     assert (quick / "docs" / "results" / "pretrain.md").read_text() == "committed\n"
     assert sorted(p.name for p in (quick / "docs" / "results").iterdir()) == ["pretrain.md"]
@@ -211,6 +213,7 @@ def test_quick_study_end_to_end(quick):
         assert f"\n| {method} | 0.01" in report or f"\n| {method} | 0.001" in report  # its best lr
 
 
+@pytest.mark.slow
 def test_a_second_invocation_reuses_every_stored_run(quick, monkeypatch, capsys):
     monkeypatch.chdir(quick)
     monkeypatch.setattr(runstore.RunStore, "_launch", lambda *a: pytest.fail("a stored run was run again"))
@@ -221,6 +224,7 @@ def test_a_second_invocation_reuses_every_stored_run(quick, monkeypatch, capsys)
     assert len(lines) == _planned_quick() and all(line.startswith("[reuse] subspace-optim train") for line in lines)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("changed, why", [("code_digest", "its code changed since"),
                                           ("optimizer_probe", "its optimizer changed since"),
                                           ("bpe_key", "its tokenizer changed since")])
@@ -233,6 +237,7 @@ def test_a_run_whose_code_or_tokenizer_changed_is_run_again(quick, monkeypatch, 
     assert grid and all(line.startswith(f"[rerun: {why}") for line in grid)
 
 
+@pytest.mark.slow
 def test_index_of_the_quick_reports(quick, monkeypatch):
     monkeypatch.chdir(quick)
     assert main(["reproduce", "index", "--quick"]) == 0
@@ -308,6 +313,7 @@ def test_the_committed_index_is_generated_from_the_committed_reports():
     assert set(EXPERIMENTS) <= linked
 
 
+@pytest.mark.slow
 def test_jobs_run_that_many_training_processes_at_once(tmp_path, monkeypatch, capsys):
     """--jobs 2: two fresh training processes overlap in time; both are stored; --methods picks whose runs."""
     import dataclasses

@@ -2,7 +2,7 @@
 Online Subspace Descent, auto) with one torch.optim optimizer, plus RSO layers and a training harness."""
 
 from .groups import subspace_param_groups, target_modules
-from .layers import RSOController, RSOLinear, apply_rso, merge_rso, rso_layers
+from .rso import RSOController, RSOLinear, apply_rso, merge_rso, rso_layers
 from .optimizer import (
     GaLoreAdamW,
     GoLoreAdamW,

@@ -71,7 +71,7 @@ def _add_compare(parser: argparse.ArgumentParser) -> None:
 
 def _compare(args: argparse.Namespace) -> int:
     """A table of the runs' summary.json: quality, memory and speed side by side."""
-    from .memory import human
+    from .memory_measured import human
 
     rows = []
     for run_dir in map(Path, args.runs):

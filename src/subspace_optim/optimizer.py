@@ -21,7 +21,7 @@ from torch.optim import Optimizer
 from .engine import comm, layerwise, state_io, step
 from .engine.settings import GRAD_COMMS, NONFINITE, SETTINGS, check_choice, check_group
 from .engine.subspace import Subspace
-from .memory import state_tensors, tensor_bytes
+from .memory_measured import state_tensors, tensor_bytes
 from .rules import get_rule
 
 __all__ = ["SubspaceOptimizer", "SubspaceAdamW", "SubspaceSGD", "SubspaceAdafactor", "SubspaceLion"]

@@ -1,6 +1,6 @@
-"""`subspace-optim reproduce memory`: the analytic estimator (subspace_optim.memory.estimate) against the seeds'
-arithmetic (LLaMA-7B: 14 + 14 + 28 + 2 = 58 GB; GPT-3 175B: 350 + 350 + 700 + ~220 = 1620 GB) and against the
-bytes the harness measures on llama-tiny."""
+"""`subspace-optim reproduce memory`: the analytic estimator (subspace_optim.memory_estimate.estimate) against
+the seeds' arithmetic (LLaMA-7B: 14 + 14 + 28 + 2 = 58 GB; GPT-3 175B: 350 + 350 + 700 + ~220 = 1620 GB) and
+against the bytes the harness measures on llama-tiny."""
 
 from __future__ import annotations
 

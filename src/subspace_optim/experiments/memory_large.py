@@ -3,7 +3,7 @@
 Each configuration trains N + 1 steps in a fresh process (checkpoints at N and N + 1), then the step-N checkpoint is
 resumed in another fresh process for one step, whose weights must equal the uninterrupted run's bitwise. The
 verdict is written to the resumed run's ``verified.json`` and both runs' checkpoints are then deleted: they are
-tens of GB each (a 7B run's three hold 52 GB), more than this machine's disk keeps for the next model. The peak RSS of both processes and the harness's attributed breakdown (memory.breakdown) are set beside the estimate
+tens of GB each (a 7B run's three hold 52 GB), more than this machine's disk keeps for the next model. The peak RSS of both processes and the harness's attributed breakdown (memory_measured.breakdown) are set beside the estimate
 (``estimate(..., host=True)``) and AdamW's estimate for the same batch. Tens of minutes per configuration on this
 project's 2-core machine: never run by the test suite.
 """
@@ -18,7 +18,7 @@ import sys
 import time
 from pathlib import Path
 
-from ..memory import breakdown, human
+from ..memory_measured import breakdown, human
 from ..memory_estimate import estimate
 from .report import Report, flags_to_cli, same_config, table
 
@@ -167,7 +167,7 @@ Loss per step: {", ".join(f"{x:.3f}" for x in got["losses"])}; validation loss a
 two checkpoints and the evaluation included). Resumed from step {STEPS} for one step in a fresh process: its weights
 {"equal the uninterrupted run's bitwise" if got["bitwise"] else "DIFFER from the uninterrupted run's"}.
 
-Measured, the peak attributed (memory.breakdown):
+Measured, the peak attributed (memory_measured.breakdown):
 
 {table(["part", "bytes"], rows + [["peak (process peak RSS)", human(peak)]])}
 

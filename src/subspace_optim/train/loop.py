@@ -13,8 +13,8 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from ..memory import (PhasePeaks, SavedActivations, format_report, gradient_bytes, human, optimizer_state_bytes,
-                      return_freed_memory, weight_bytes)
+from ..memory_measured import (PhasePeaks, SavedActivations, format_report, gradient_bytes, human,
+                               optimizer_state_bytes, return_freed_memory, weight_bytes)
 from ..optimizer import SubspaceOptimizer
 from . import checkpoint, parallel
 from .config import TrainConfig, UsageError, load_config, resolve, save_config

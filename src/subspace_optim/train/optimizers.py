@@ -116,7 +116,7 @@ def _rso(cfg: TrainConfig, model: nn.Module) -> Setup:
     redrawn. B's lr is --lr x --scale: with P = Qᵀ an inner step on B is then exactly the GoLore optimizer's
     step with the same --lr and --scale, so the two share one recipe. --moments reset (default, the paper: the
     subproblem restarts) or project (first moments carried into the new subspace, as GoLore's default)."""
-    from subspace_optim.layers import RSOController, apply_rso, rso_layers
+    from subspace_optim.rso import RSOController, apply_rso, rso_layers
 
     try:
         apply_rso(model, rank=rank_for(cfg, model), target=target_spec(cfg.target), seed=cfg.seed)

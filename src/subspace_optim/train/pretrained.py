@@ -215,7 +215,7 @@ def run_model(path: Path, dtype: str | None = None, *, merge_lora: bool = True, 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the run warned about narrow layers already
         if cfg.optimizer == "rso":
-            from ..layers import apply_rso
+            from ..rso import apply_rso
 
             apply_rso(model, rank=cfg.rank, target=target_spec(cfg.target), seed=cfg.seed)
         elif cfg.optimizer == "lora":
@@ -225,7 +225,7 @@ def run_model(path: Path, dtype: str | None = None, *, merge_lora: bool = True, 
     checkpoint._load_weights(found / checkpoint.WEIGHTS, model, torch.device("cpu"))
     model = model.to(getattr(torch, dtype))
     if cfg.optimizer == "rso":
-        from ..layers import RSOProjection, remove_rso
+        from ..rso import RSOProjection, remove_rso
 
         for module in model.modules():  # P follows the loaded key (outer count), however the tensors were copied in
             if isinstance(module, RSOProjection):

@@ -1,4 +1,4 @@
-"""RSO / compressed-gradient layers (subspace_optim.layers): gradients, saved tensors, merge, state, errors,
+"""RSO / compressed-gradient layers (subspace_optim.rso): gradients, saved tensors, merge, state, errors,
 the controller, and equivalence with the GoLore optimizer."""
 
 import copy
@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from subspace_optim import SubspaceAdamW, SubspaceSGD
-from subspace_optim.layers import (
+from subspace_optim.rso import (
     RSOController,
     RSOLinear,
     apply_rso,
