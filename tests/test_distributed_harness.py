@@ -40,6 +40,10 @@ def runs(tmp_path_factory):
     assert main(["train", *ARGS, "--out", str(root / "single")]) in (0, None)
     torchrun(*ARGS, "--out", str(root / "ddp"), "--distributed", "ddp")
     torchrun(*ARGS, "--out", str(root / "fsdp2"), "--distributed", "fsdp2")
+    # gradients reduced in the subspace, layer-wise with two micro-batches a step, against the same on one process
+    subspace = ["--layerwise", "--grad-accum", "2"]
+    assert main(["train", *ARGS, *subspace, "--out", str(root / "single-layerwise")]) in (0, None)
+    torchrun(*ARGS, *subspace, "--out", str(root / "ddp-subspace"), "--distributed", "ddp", "--grad-comm", "subspace")
     return root
 
 
@@ -51,6 +55,15 @@ def test_two_processes_end_at_the_single_process_loss(runs, mode):
     summary = json.loads((runs / mode / "summary.json").read_text())
     assert summary["processes"] == 2 and summary["tokens"] == 6 * 4 * 32  # --batch-size is the global batch
     assert not list(runs.glob(f"{mode}*/**/rank*"))  # one run folder, no per-rank copies
+
+
+@pytest.mark.distributed
+def test_gradients_reduced_in_the_subspace_end_at_the_single_process_loss(runs):
+    """--grad-comm subspace --layerwise --grad-accum 2 under DDP: R all-reduced from the hooks, the same steps."""
+    single, distributed = val_loss(runs / "single-layerwise"), val_loss(runs / "ddp-subspace")
+    assert abs(distributed - single) <= 1e-4 * abs(single)
+    config = json.loads((runs / "ddp-subspace" / "config.json").read_text())
+    assert config["grad_comm"] == "subspace" and config["layerwise"] and config["clip"] == 0
 
 
 @pytest.mark.distributed
@@ -83,6 +96,10 @@ def test_distributed_without_torchrun_and_an_uneven_batch_get_clear_errors(capsy
     (["--distributed", "ddp", "--fused-loss"], "single-process only"),
     (["--distributed", "fsdp2", "--optimizer", "rso"], "use --distributed ddp"),
     (["--distributed", "ddp", "--optimizer", "galore", "--layerwise"], "unreduced"),
+    (["--grad-comm", "subspace"], "add --distributed ddp"),
+    (["--distributed", "fsdp2", "--grad-comm", "subspace"], "add --distributed ddp"),
+    (["--distributed", "ddp", "--grad-comm", "subspace", "--optimizer", "adamw"], "projects no gradients"),
+    (["--distributed", "ddp", "--grad-comm", "subspace", "--clip", "1"], "no global gradient norm"),
 ])
 def test_combinations_not_distributed_yet_are_refused_clearly(flags, message, capsys):
     assert main(["train", "--steps", "1", "--quiet", *flags]) == 2

@@ -117,7 +117,7 @@ def _train(cfg: TrainConfig, method, run_dir: Path, resume_from: Path | None, pa
     if isinstance(optimizer, SubspaceOptimizer):
         optimizer.process_group = par.optimizer_group  # DDP: each SVD refresh on one rank, broadcast
     # DDP wraps the final model (RSO has swapped its layers by now); `model` stays the bare module for saving
-    trained = par.wrap(model) if par.mode == "ddp" else model
+    trained = par.wrap(model, optimizer) if par.mode == "ddp" else model
     schedule = cosine_with_warmup(cfg.warmup, cfg.steps, cfg.min_lr_ratio)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
     identity = {k: getattr(cfg, k) for k in ("task", "model", "optimizer", "rule", "rank", "target", "layerwise")}

@@ -76,8 +76,9 @@ def _ours(cfg: TrainConfig, model: nn.Module, params, **settings) -> Setup:
         params, lr=cfg.lr, weight_decay=cfg.weight_decay, update_gap=cfg.update_gap, scale=cfg.scale,
         seed=cfg.seed, layerwise=cfg.layerwise, state_bits=cfg.state_bits, random_basis=cfg.random_basis,
         weight_rounding=cfg.weight_rounding, projection_dtype=cfg.projection_dtype, **extra, **settings,
+        grad_comm=cfg.grad_comm,
         # the hooks must know when a step's micro-batches are in; otherwise autograd sums them into .grad
-        accumulation_steps=cfg.grad_accum if cfg.layerwise else 1)
+        accumulation_steps=cfg.grad_accum if cfg.layerwise or cfg.grad_comm == "subspace" else 1)
     return Setup(model, optimizer)
 
 
@@ -231,6 +232,9 @@ def check_method(cfg: TrainConfig) -> Method:
     if cfg.projection_dtype != "float32" and not method.subspace:
         raise UsageError(f"--projection-dtype {cfg.projection_dtype}: --optimizer {name} computes no projections "
                          "of ours; use galore, golore, golore@X, online_pca or auto")
+    if cfg.grad_comm != "full" and not method.subspace:
+        raise UsageError(f"--grad-comm {cfg.grad_comm}: --optimizer {name} projects no gradients of ours; use "
+                         "galore, golore, golore@X, online_pca or auto")
     if cfg.weight_rounding != "nearest" and not method.weight_rounding:
         raise UsageError(f"--weight-rounding {cfg.weight_rounding}: --optimizer {name} rounds to nearest; use one "
                          "of ours (e.g. full for a dense baseline)")

@@ -59,12 +59,17 @@ class Parallel:
     def total(self, value: int) -> int:
         return value * self.world
 
-    def wrap(self, model: nn.Module) -> nn.Module:
-        """The model to train: DDP around it, or FSDP2 applied in place (each transformer block, then the root)."""
+    def wrap(self, model: nn.Module, optimizer=None) -> nn.Module:
+        """The model to train: DDP around it (leaving the projected weights to an ``optimizer`` that reduces
+        their gradients in the subspace), or FSDP2 applied in place (each transformer block, then the root)."""
         if self.mode == "ddp":
             from torch.nn.parallel import DistributedDataParallel
 
+            from ..engine.comm import subspace_ddp
+
             ids = [self.device.index] if self.device.type == "cuda" else None
+            if getattr(optimizer, "grad_comm", "full") == "subspace":
+                return subspace_ddp(model, optimizer, device_ids=ids)
             return DistributedDataParallel(model, device_ids=ids)
         if self.mode == "fsdp2":
             from torch.distributed.fsdp import fully_shard
