@@ -54,9 +54,10 @@ def _estimate(flags: dict) -> dict:
 def _train(argv: list[str], log: Path) -> float:
     """Run `subspace-optim train ARGV` in a fresh process; its wall seconds."""
     start = time.perf_counter()
-    # one thread, as the study's runs: on shared cores two OpenMP threads spin-wait on each other (a 4096 x 1024
-    # QR, GoLore's basis, took 9.3 s with two threads beside another job and 0.36 s with one)
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    # one thread unless OMP_NUM_THREADS says otherwise: on shared cores two OpenMP threads spin-wait on each other
+    # (a 4096 x 1024 QR, GoLore's basis, took 9.3 s with two threads beside another job and 0.36 s with one); on
+    # idle cores more threads are faster
+    env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
     with open(log, "w") as sink:
         done = subprocess.run([sys.executable, "-m", "subspace_optim", "train", *argv, "--quiet"], stdout=sink,
                               stderr=subprocess.STDOUT, env=env)
