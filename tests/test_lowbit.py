@@ -149,7 +149,7 @@ def test_a_refresh_transports_moments_by_decoding_transforming_and_encoding(bits
     old_basis = state["basis"].clone()
     before = {k: lowbit.decode(state[k]) for k in ("exp_avg", "exp_avg_sq")}
     space = opt._spaces[net.left]
-    new_basis = space.random_basis(space.key(1))
+    new_basis = space.random_basis(space.key(opt.state[net.left], 1))
     transfer = new_basis.T @ old_basis
     expected_m = lowbit.decode(lowbit.encode(transfer @ before["exp_avg"], bits, True))
     v = transfer.square() @ before["exp_avg_sq"] if moments == "rotate" else before["exp_avg_sq"]

@@ -248,3 +248,60 @@ def test_torch_distributed_checkpoint_round_trip(projector, flat):
     for a, b in zip(m.parameters(), m2.parameters()):
         assert torch.equal(a, b)
     assert basis_bytes(opt2) == 0
+
+
+def _named_run(order, named=True, steps=5, start=None):
+    """GoLore on two weights listed in ``order``; each gradient a fixed function of its weight."""
+    torch.manual_seed(0)
+    weights = {"a.weight": torch.randn(6, 12), "b.weight": torch.randn(7, 10)}
+    params = {k: nn.Parameter(v.clone()) for k, v in weights.items()}
+    listed = [(k, params[k]) if named else params[k] for k in order]
+    opt = so.SubspaceAdamW([{"params": listed, "rank": 2}], lr=1e-2, projector="golore", update_gap=2)
+    if start is not None:
+        opt.load_state_dict(start["optimizer"])
+        with torch.no_grad():
+            for k, p in params.items():
+                p.copy_(start["weights"][k])
+    for _ in range(steps):
+        for p in params.values():
+            p.grad = (p.detach() - 0.5).sin()
+        opt.step()
+    return params, opt
+
+
+def test_named_parameters_key_their_random_bases_by_name_not_by_order():
+    """The same weight gets the same bases however the parameters are listed (pipeline stages, torchtitan's model
+    parts, a reordered module); by index, as unnamed parameters are keyed, the order changes them."""
+    ab, _ = _named_run(["a.weight", "b.weight"])
+    ba, opt = _named_run(["b.weight", "a.weight"])
+    assert all(torch.equal(ab[k], ba[k]) for k in ab)
+    assert opt.param_groups[0]["param_names"] == ["b.weight", "a.weight"]
+    assert all(s["basis_key"] == 1 for s in opt.state.values())
+    unnamed_ab, _ = _named_run(["a.weight", "b.weight"], named=False)
+    unnamed_ba, _ = _named_run(["b.weight", "a.weight"], named=False)
+    assert not torch.equal(unnamed_ab["a.weight"], unnamed_ba["a.weight"])
+    assert not torch.equal(unnamed_ab["a.weight"], ab["a.weight"])  # names are other keys than indices
+
+
+def test_a_checkpoint_keyed_by_index_keeps_its_keys_in_a_named_optimizer_and_names_survive_saving():
+    """A state saved before names (or by unnamed parameters) has no basis_key: loaded into an optimizer of named
+    parameters it goes on with index keys, bitwise as if never saved; a name-keyed one resumes bitwise too."""
+    for named in (False, True):
+        params, opt = _named_run(["a.weight", "b.weight"], named=named, steps=3)
+        buffer = io.BytesIO()
+        torch.save({"optimizer": opt.state_dict(), "weights": {k: p.detach() for k, p in params.items()}}, buffer)
+        buffer.seek(0)
+        saved = torch.load(buffer, weights_only=True)
+        straight, _ = _named_run(["a.weight", "b.weight"], named=named, steps=6)
+        resumed, opt2 = _named_run(["a.weight", "b.weight"], named=True, steps=3, start=saved)
+        assert all(torch.equal(straight[k], resumed[k]) for k in straight)
+        assert all(("basis_key" in s) == named for s in opt2.state.values())
+
+
+def test_subspace_param_groups_can_name_the_parameters():
+    model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 4))
+    groups = so.subspace_param_groups(model, rank=2, named=True)
+    assert [n for n, _ in groups[1]["params"]] == ["0.weight", "2.weight"]
+    opt = so.SubspaceAdamW(groups, lr=1e-2, projector="golore")
+    assert opt.param_groups[1]["param_names"] == ["0.weight", "2.weight"]
+    assert opt._spaces[model[2].weight].name == "2.weight"

@@ -52,6 +52,7 @@ def subspace_param_groups(
     target: str | Sequence[str] = "all-linear",
     *,
     include_embeddings: bool = False,
+    named: bool = False,
     **overrides,
 ) -> list[dict]:
     """Split a model's trainable parameters into a projected group and a dense group.
@@ -59,7 +60,12 @@ def subspace_param_groups(
     The weights of the targeted modules go to a group that carries ``rank`` (and ``overrides``, e.g.
     ``update_gap=200, scale=0.25``); everything else (norms, biases, embeddings and lm_head unless
     ``include_embeddings``) goes to a dense group trained by the same rule at full rank. Tied weights count once.
+    ``named``: the parameters as (name, tensor) pairs, so that the optimizer keys their random bases by name
+    (the same bases however the model is split or its modules ordered) and saves the names in its state_dict.
     """
+    names = {}
+    for name, param in model.named_parameters():
+        names.setdefault(id(param), name)
     projected: dict[int, nn.Parameter] = {}
     for _, module in target_modules(model, target, include_embeddings=include_embeddings):
         weight = getattr(module, "weight", None)
@@ -69,9 +75,11 @@ def subspace_param_groups(
     for param in model.parameters():
         if param.requires_grad and id(param) not in projected:
             dense[id(param)] = param
+    listed = (lambda params: [(names[id(p)], p) for p in params.values()]) if named else (
+        lambda params: list(params.values()))
     groups = []
     if dense:
-        groups.append({"params": list(dense.values())})
+        groups.append({"params": listed(dense)})
     if projected:
-        groups.append({"params": list(projected.values()), "rank": rank, **overrides})
+        groups.append({"params": listed(projected), "rank": rank, **overrides})
     return groups

@@ -32,7 +32,8 @@ class SubspaceOptimizer(Optimizer):
 
     Keyword arguments:
       rank: projects every parameter when ``params`` are plain tensors; param-group dicts opt in by
-        carrying ``"rank"``. A rank >= min(m, n) trains that parameter at full rank (one warning).
+        carrying ``"rank"``. A rank >= min(m, n) trains that parameter at full rank (one warning). Named
+        parameters ((name, tensor) pairs, as torch.optim takes them) key their random bases by name, not index.
       Every field of ``engine.settings.GroupSettings`` (update_gap, scale, projector, moments, seed, side, svd,
         state_bits, basis_dtype, projection_dtype, random_basis, weight_rounding, ...), per group overridable.
       layerwise: update each parameter from its post-accumulate-grad hook during backward and free its
@@ -44,9 +45,8 @@ class SubspaceOptimizer(Optimizer):
       grad_comm: ``"full"`` (default) or ``"subspace"``: under DDP (``subspace_ddp(model, optimizer)``), each
         projected gradient is all-reduced as R = Pᵀ G from its hook, asynchronously (engine/comm.py); updates are
         taken at step(), and accumulation_steps counts the micro-batches, layer-wise or not.
-      nonfinite: ``"skip"`` (default) leaves every parameter and state untouched when any gradient has a
-        NaN/inf and counts it in ``skipped_steps``; ``"raise"`` raises FloatingPointError. In layer-wise mode the
-        decision is per parameter, applied on the device and read once, at ``step()`` (which raises there).
+      nonfinite: ``"skip"`` (default) leaves every parameter and state untouched when a gradient has a NaN/inf
+        (counted in ``skipped_steps``; layer-wise: per parameter, read at step()); ``"raise"`` raises there.
     """
 
     rule_name = ""
@@ -87,8 +87,7 @@ class SubspaceOptimizer(Optimizer):
         weakref.finalize(self, layerwise.remove_handles, self._hooks)
 
     def __getstate__(self) -> dict:
-        # torch.optim copies only defaults, state and param_groups: add the constructor flags, so that a deepcopy
-        # or a pickle round trip gives an optimizer that steps.
+        # torch.optim copies defaults, state and param_groups only: a deepcopy or pickle needs the flags too
         return {**super().__getstate__(), "layerwise": self.layerwise, "nonfinite": self.nonfinite}
 
     def __setstate__(self, state: dict) -> None:
@@ -129,13 +128,14 @@ class SubspaceOptimizer(Optimizer):
                           "they are trained at full rank", stacklevel=3)
 
     def _reindex(self) -> None:
-        """Each parameter's Subspace, for the parameters the groups hold now: accelerate's FSDP2 ``prepare`` (HF
-        Trainer's too) swaps them for DTensors after the optimizer is built, ``load_state_dict`` replaces the
-        groups. Indices stay positional, so seeds and refresh owners do not change."""
+        """Each parameter's Subspace (with its name, if named), for the parameters the groups hold now: FSDP2's
+        ``prepare`` in accelerate swaps them for DTensors after the optimizer is built, ``load_state_dict`` replaces
+        the groups. Indices stay positional, so seeds and refresh owners do not change."""
         self._spaces = {}
         for group in self.param_groups:
-            for p in group["params"]:
-                self._spaces[p] = Subspace(p, len(self._spaces), group, type(self).__name__, self.process_group)
+            names = group.get("param_names") or [None] * len(group["params"])
+            for p, name in zip(group["params"], names):
+                self._spaces[p] = Subspace(p, len(self._spaces), group, type(self).__name__, self.process_group, name)
 
     def _validate(self, group: dict) -> None:
         accumulates = self.layerwise or self.grad_comm == "subspace"  # hooks that count micro-batches

@@ -24,7 +24,6 @@ from torch import Tensor, nn
 from ..distributed import is_dtensor
 from . import layerwise
 from .step import Work
-from .subspace import init_counters
 
 
 @dataclass
@@ -60,7 +59,7 @@ def on_gradient(optimizer, p: Tensor) -> None:
     """Count the micro-batch, project and accumulate (or let G accumulate where the step needs it whole); on the
     last micro-batch, start the reduction."""
     space, state = optimizer._spaces[p], optimizer.state[p]
-    init_counters(state)
+    space.start(state)
     state["micro"] = state.get("micro", 0) + 1
     last = state["micro"] >= space.group["accumulation_steps"]
     if space.projector.needs_full_gradient(state, space.group):

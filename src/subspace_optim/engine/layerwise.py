@@ -22,7 +22,7 @@ from .. import lowbit
 from ..distributed import is_dtensor, local
 from . import step
 from .step import Refresh, Work
-from .subspace import Subspace, init_counters, regenerable
+from .subspace import Subspace, regenerable
 
 #: Parameter -> weak reference to the live layer-wise optimizer whose hooks update it: two would both update it.
 _HOOK_OWNERS = WeakIdKeyDictionary()
@@ -86,7 +86,7 @@ def on_gradient(optimizer, p: Tensor) -> None:
     state["micro"] = state.get("micro", 0) + 1
     last = state["micro"] >= space.group["accumulation_steps"]
     if space.projects:
-        init_counters(state)
+        space.start(state)
     if not space.projects or space.projector.needs_full_gradient(state, space.group):
         if not last:
             return  # autograd keeps summing into p.grad
@@ -106,7 +106,7 @@ def accumulate_lowrank(space: Subspace, state: dict, last: bool) -> list[Work] |
     if state["micro"] == 1 and space.projector.refresh_due(state, space.group):
         # A data-independent refresh needs no gradient: draw it now and accumulate in its basis, but commit it
         # (moments transported, count advanced) only with the step, as a standard step does.
-        state["pending_basis"] = space.random_basis(space.key(state["refreshes"]))
+        state["pending_basis"] = space.random_basis(space.key(state, state["refreshes"]))
     basis = state["pending_basis"] if "pending_basis" in state else space.basis(state)
     lowrank = space.project(basis, space.oriented(space.param.grad))
     space.param.grad = None

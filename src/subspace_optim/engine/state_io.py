@@ -15,7 +15,7 @@ from ..projectors import PROJECTORS, reset_steps
 from ..rules import FIRST_MOMENTS, get_rule
 from . import step
 from .settings import PRECISION_SETTINGS, STATE_SETTINGS, basis_dtype
-from .subspace import Subspace, held, init_counters
+from .subspace import Subspace, held
 
 
 def check_settings(saved_groups: list[dict], live_groups: list[dict]) -> None:
@@ -137,7 +137,7 @@ def init_state(space: Subspace, state: dict) -> None:
         rule.direction([torch.zeros_like(p)], [state], group)
         reset_steps(state)
         return
-    init_counters(state)
+    space.start(state)
     layout, (d, big), projector = space.layout, space.dims, space.projector
     device = local(p).device
     if not projector.random:  # a placeholder, replaced at the first refresh (no moments to carry yet)

@@ -14,7 +14,7 @@ from torch import Tensor
 from .. import precision
 from ..distributed import OwnedRefresh, is_dtensor, local, run_owned
 from ..rules import decays_after_update, get_rule, scalar
-from .subspace import Subspace, held, init_counters, with_contiguous
+from .subspace import Subspace, held, with_contiguous
 
 
 @dataclass
@@ -59,11 +59,11 @@ def prepare(space: Subspace, state: dict, grad: Tensor) -> Work:
     if not space.projects:
         space.check_dense(grad)
         return Work(space, state, grad)
-    init_counters(state)
+    space.start(state)
     work = Work(space, state, None, space.oriented(grad))
     projector = space.projector
     if projector.refresh_due(state, space.group):
-        work.key = space.key(state["refreshes"])
+        work.key = space.key(state, state["refreshes"])
         if projector.is_random(state, space.group):
             work.refresh = Refresh(space.random_basis(work.key), True)
         else:

@@ -7,6 +7,7 @@ W itself (left) or Wᵀ (right, m >= n under GaLore's "std" rule), so every low-
 
 from __future__ import annotations
 
+import hashlib
 import math
 
 import torch
@@ -22,8 +23,12 @@ from .settings import basis_dtype, projection_dtype
 PROJECTION_KEYS = frozenset(
     {"basis", "random_basis", "proj_step", "refreshes", "switched_at", "auto_sum", "auto_sketch",
      "auto_sketch_sum", "auto_test", "auto_count", "snr_sum", "snr_sq", "snr_count", "pca",
-     "acc", "micro", "pending_basis"}
+     "acc", "micro", "pending_basis", "basis_key"}
 )
+#: ``state["basis_key"]`` of a weight whose random bases are keyed by its name: (seed, a hash of the name, refresh
+#: count), which pipeline stages, torchtitan's model parts and a reordered module share. Absent (every state saved
+#: before names, and every unnamed parameter's): (seed, parameter index, refresh count).
+BY_NAME = 1
 #: rows x columns of the float32 block in a narrow-dtype write-back (16 MiB)
 WRITE_BACK_BLOCK = 1 << 22
 
@@ -40,19 +45,20 @@ def regenerable(state: dict, group: dict) -> bool:
     return group.get("random_basis") == "regenerate" and not isinstance(flag, Tensor) and bool(flag)
 
 
-def init_counters(state: dict) -> None:
-    state.setdefault("proj_step", 0)
-    state.setdefault("refreshes", 0)
+def name_id(name: str) -> int:
+    """A parameter's name as a 64-bit number, the same in every process and Python (unlike ``hash``)."""
+    return int.from_bytes(hashlib.sha256(name.encode()).digest()[:8], "little")
 
 
 class Subspace:
     """The subspace of parameter ``param`` (number ``index`` in its optimizer) under its param ``group``; its state
     (basis, counters, moments) stays in the optimizer's ``state[param]``, passed in. ``owner`` names the optimizer
-    in errors."""
+    in errors; ``name``, its name where the optimizer was given named parameters."""
 
-    def __init__(self, param: Tensor, index: int, group: dict, owner: str, process_group=None):
+    def __init__(self, param: Tensor, index: int, group: dict, owner: str, process_group=None,
+                 name: str | None = None):
         self.param, self.index, self.group, self.owner = param, index, group, owner
-        self.process_group = process_group
+        self.process_group, self.name = process_group, name
         self._layout: Layout | None = None
 
     # --------------------------------------------------------------------------------------- geometry
@@ -98,9 +104,20 @@ class Subspace:
         return g if self.left else g.T
 
     # ------------------------------------------------------------------------------------- the basis
-    def key(self, refresh: int) -> int:
-        """The seed of the ``refresh``-th basis: (seed, parameter index, refresh count)."""
-        return derive_seed(self.group["seed"], self.index, refresh)
+    def start(self, state: dict) -> None:
+        """The counters of a fresh projected state, and how it keys its random bases (by name where known)."""
+        if "proj_step" not in state:
+            state["proj_step"], state["refreshes"] = 0, 0
+            if self.name is not None:
+                state["basis_key"] = BY_NAME
+
+    def key(self, state: dict, refresh: int) -> int:
+        """The seed of the ``refresh``-th basis: (seed, the parameter's name or index, refresh count)."""
+        by_name = state.get("basis_key") == BY_NAME
+        if by_name and self.name is None:
+            raise RuntimeError(f"the state of parameter #{self.index} keys its random bases by name and this "
+                               "optimizer has no names: build it from named parameters (model.named_parameters())")
+        return derive_seed(self.group["seed"], name_id(self.name) if by_name else self.index, refresh)
 
     def random_basis(self, key: int) -> Tensor:
         """The Haar basis of ``key``, held in the group's basis_dtype."""
@@ -111,7 +128,7 @@ class Subspace:
         if "basis" not in state:
             if not state.get("random_basis"):
                 raise RuntimeError(f"optimizer state of parameter #{self.index} has no basis")
-            state["basis"] = self.random_basis(self.key(state["refreshes"] - 1))
+            state["basis"] = self.random_basis(self.key(state, state["refreshes"] - 1))
         return state["basis"]
 
     def release(self, state: dict) -> None:
