@@ -51,13 +51,18 @@ def _estimate(flags: dict) -> dict:
                     projection_dtype=flags["projection_dtype"], host=True)
 
 
+def _threads() -> str:
+    """The torch threads of a training run: OMP_NUM_THREADS if set, else one."""
+    return os.environ.get("OMP_NUM_THREADS", "1")
+
+
 def _train(argv: list[str], log: Path) -> float:
     """Run `subspace-optim train ARGV` in a fresh process; its wall seconds."""
     start = time.perf_counter()
     # one thread unless OMP_NUM_THREADS says otherwise: on shared cores two OpenMP threads spin-wait on each other
     # (a 4096 x 1024 QR, GoLore's basis, took 9.3 s with two threads beside another job and 0.36 s with one); on
     # idle cores more threads are faster
-    env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
+    env = {**os.environ, "OMP_NUM_THREADS": _threads()}
     with open(log, "w") as sink:
         done = subprocess.run([sys.executable, "-m", "subspace_optim", "train", *argv, "--quiet"], stdout=sink,
                               stderr=subprocess.STDOUT, env=env)
@@ -107,6 +112,7 @@ def measure(out: Path, flags: dict) -> dict:
 
         seconds = _train([*_flag_args(flags), "--out", str(out)], out.with_suffix(".log"))
         (out / "wall_seconds").write_text(f"{seconds:.1f}\n")
+        (out / "threads").write_text(f"{_threads()}\n")
     if not (resumed / "summary.json").is_file():
         shutil.rmtree(resumed, ignore_errors=True)
         # the checkpoints' files as hard links (no bytes copied; a resumed run writes new files, never into
@@ -121,7 +127,7 @@ def measure(out: Path, flags: dict) -> dict:
     rows = [line.split(",") for line in (out / "metrics.csv").read_text().splitlines()[1:]]
     return {"summary": summary, "resumed": json.loads((resumed / "summary.json").read_text()),
             "losses": [float(r[2]) for r in rows], "bitwise": _verified(out, resumed),
-            "seconds": float((out / "wall_seconds").read_text())}
+            "seconds": float((out / "wall_seconds").read_text()), "threads": (out / "threads").read_text().strip()}
 
 
 def dry_run(args) -> list[str]:
@@ -134,7 +140,7 @@ def _slug(name: str) -> str:
 
 
 def main(args) -> Path:
-    report = Report("memory-large", args.out, args.argv)
+    report = Report("memory-large", args.out, args.argv, run_threads="the number its section gives")
     runs = Path(args.runs) / "memory-large"
     results, sections, started = [], [], 0
     for name, goal, extra in RUNS:
@@ -164,8 +170,8 @@ def main(args) -> Path:
 `{flags_to_cli("train", flags)}`
 
 Loss per step: {", ".join(f"{x:.3f}" for x in got["losses"])}; validation loss at the end
-{got["summary"]["final_val_loss"]:.3f}. Wall time {got["seconds"] / 60:.1f} min for {STEPS + 1} steps (model build,
-two checkpoints and the evaluation included). Resumed from step {STEPS} for one step in a fresh process: its weights
+{got["summary"]["final_val_loss"]:.3f}. Wall time {got["seconds"] / 60:.1f} min for {STEPS + 1} steps on {got["threads"]}
+thread(s) (model build, two checkpoints and the evaluation included). Resumed from step {STEPS} for one step in a fresh process: its weights
 {"equal the uninterrupted run's bitwise" if got["bitwise"] else "DIFFER from the uninterrupted run's"}.
 
 Measured, the peak attributed (memory_measured.breakdown):

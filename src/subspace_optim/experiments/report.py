@@ -54,8 +54,9 @@ class Report:
     header (command, commit, seeds, wall time, machine) above the experiment's own markdown.
     """
 
-    def __init__(self, name: str, out_dir: str | Path, argv: list[str] | None = None):
-        self.name, self.out_dir = name, Path(out_dir)
+    def __init__(self, name: str, out_dir: str | Path, argv: list[str] | None = None, run_threads: str = "1"):
+        """``run_threads``: the torch threads of each training run it starts, as the header says them."""
+        self.name, self.out_dir, self.run_threads = name, Path(out_dir), run_threads
         self.out_dir.mkdir(parents=True, exist_ok=True)
         self.argv = argv if argv is not None else ["subspace-optim", "reproduce", name]
         self.source = provenance()
@@ -84,7 +85,7 @@ class Report:
               if len(REUSED) > self.reused_before else []),
             f"- machine: {platform.machine()}, {os.cpu_count()} CPU cores (shared with other jobs), "
             f"torch {torch.__version__}, Python {platform.python_version()}; {torch.get_num_threads()} torch thread(s) "
-            "in this process, 1 in each training run it starts",
+            f"in this process, {self.run_threads} in each training run it starts",
             "",
         ]
         if verdicts:
