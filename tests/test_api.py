@@ -174,12 +174,31 @@ def test_state_bytes_equal_the_analytic_minimum():
         ({"rank": 2, "projector": "auto", "auto_threshold": True}, "auto_threshold.*finite number"),
         ({"rank": 2, "projector": "auto", "auto_threshold": "2"}, "auto_threshold.*finite number"),
         ({"rank": 2, "nonfinite": "ignore"}, "nonfinite"),
+        ({"rank": 2, "grad_comm": "lowrank"}, "grad_comm.*subspace"),
         ({"rank": 2, "accumulation_steps": 2}, "accumulation_steps=2 needs layerwise=True"),
     ],
 )
 def test_bad_settings_raise_value_error(kwargs, match):
     with pytest.raises(ValueError, match=match):
         SubspaceAdamW([nn.Parameter(torch.randn(6, 8))], **kwargs)
+
+
+def test_subspace_gradient_reduction_needs_a_process_group_and_its_own_ddp(monkeypatch):
+    """grad_comm="subspace" outside torchrun, subspace_ddp around an optimizer that reduces nothing itself, and a
+    name-keyed state in an optimizer without names: each one clear error."""
+    import torch.distributed as dist
+
+    from subspace_optim import subspace_ddp
+
+    monkeypatch.setattr(dist, "is_initialized", lambda: False)
+    with pytest.raises(RuntimeError, match="initialized process group.*torchrun"):
+        SubspaceAdamW([nn.Parameter(torch.randn(6, 8))], rank=2, grad_comm="subspace")
+    w = nn.Parameter(torch.randn(6, 8))
+    opt = SubspaceAdamW([w], rank=2, projector="golore")
+    with pytest.raises(ValueError, match="grad_comm='subspace'"):
+        subspace_ddp(nn.Linear(8, 6), opt)
+    with pytest.raises(RuntimeError, match="keys its random bases by name.*named parameters"):
+        opt._spaces[w].key({"basis_key": 1}, 0)
 
 
 def test_unknown_keyword_and_rank_with_groups():

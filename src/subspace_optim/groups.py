@@ -75,8 +75,10 @@ def subspace_param_groups(
     for param in model.parameters():
         if param.requires_grad and id(param) not in projected:
             dense[id(param)] = param
-    listed = (lambda params: [(names[id(p)], p) for p in params.values()]) if named else (
-        lambda params: list(params.values()))
+
+    def listed(params: dict[int, nn.Parameter]) -> list:
+        return [(names[id(p)], p) for p in params.values()] if named else list(params.values())
+
     groups = []
     if dense:
         groups.append({"params": listed(dense)})

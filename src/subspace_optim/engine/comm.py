@@ -60,8 +60,7 @@ def on_gradient(optimizer, p: Tensor) -> None:
     last micro-batch, start the reduction."""
     space, state = optimizer._spaces[p], optimizer.state[p]
     space.start(state)
-    state["micro"] = state.get("micro", 0) + 1
-    last = state["micro"] >= space.group["accumulation_steps"]
+    last = space.count_micro(state)
     if space.projector.needs_full_gradient(state, space.group):
         if last:
             handle = dist.all_reduce(p.grad, group=optimizer._comm_group, async_op=True)

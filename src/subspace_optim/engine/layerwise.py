@@ -83,8 +83,7 @@ def on_gradient(optimizer, p: Tensor) -> None:
     gradient."""
     space, state = optimizer._spaces[p], optimizer.state[p]
     check_reduced(p)
-    state["micro"] = state.get("micro", 0) + 1
-    last = state["micro"] >= space.group["accumulation_steps"]
+    last = space.count_micro(state)
     if space.projects:
         space.start(state)
     if not space.projects or space.projector.needs_full_gradient(state, space.group):

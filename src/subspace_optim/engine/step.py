@@ -150,9 +150,9 @@ def _step_dense(works: list[Work], group: dict) -> None:
     """torch.optim's contract: the rule updates the parameters itself (fused kernel for AdamW); weights that round
     exactly (bfloat16 with weight_rounding="stochastic", int8) get the rule's direction U, then
     W <- W·(1 - lr·wd) - lr·U rounded once into W (precision.update_rows)."""
-    rule, rounding = get_rule(group["rule"]), group["weight_rounding"]
-    rounded = [w for w in works if precision.writes_exactly(local(w.param), rounding)]
-    plain = [w for w in works if not precision.writes_exactly(local(w.param), rounding)]
+    rule, rounded, plain = get_rule(group["rule"]), [], []
+    for w in works:  # one pass: whether a weight rounds exactly is asked once
+        (rounded if precision.writes_exactly(local(w.param), group["weight_rounding"]) else plain).append(w)
     if plain:
         rule([w.param for w in plain], [w.grad for w in plain], [w.state for w in plain], group)
     if not rounded:
@@ -195,7 +195,7 @@ def _write_back(w: Work, direction: Tensor, group: dict) -> None:
     basis = w.space.layout.basis_rows(w.state["basis"])
     alpha = lr * group["scale"]
     if precision.writes_exactly(local(w.param), group["weight_rounding"]):  # the decay in the same rounding
-        w.space.apply_back(basis, direction, alpha, decay=decay if weight_decay else 0.0, keep=keep)
+        w.space.apply_back(basis, direction, alpha, decay=decay, keep=keep)  # lr·0 = 0.0 without decay
         return
     if weight_decay and not decays_after_update(group):
         local(w.param).mul_(1.0 - decay)

@@ -111,6 +111,11 @@ class Subspace:
             if self.name is not None:
                 state["basis_key"] = BY_NAME
 
+    def count_micro(self, state: dict) -> bool:
+        """Count a micro-batch's gradient (a hook's); whether it is the step's last (``accumulation_steps``)."""
+        state["micro"] = state.get("micro", 0) + 1
+        return state["micro"] >= self.group["accumulation_steps"]
+
     def key(self, state: dict, refresh: int) -> int:
         """The seed of the ``refresh``-th basis: (seed, the parameter's name or index, refresh count)."""
         by_name = state.get("basis_key") == BY_NAME
