@@ -205,11 +205,14 @@ class OnlinePCA(Projector):
         wide = grad.to(lowrank.dtype)
         partial = [wide.square().sum().reshape(1), layout.embed_rows(wide @ lowrank.T)]
         gram_r = lowrank @ lowrank.T
-        if layout.split == "cols":  # R itself is split: its Gram matrix is a partial sum too
+        # R itself is split by columns: its Gram matrix is a partial sum over those shards only (R is replicated
+        # over the shards of d); in the same all-reduce where they are all the shards
+        if layout.cols.split and not layout.rows.split:
             partial.append(gram_r)
         summed = layout.sum_(partial)
         sq, grad_r = summed[0], summed[1]
-        gram_r = summed[2] if layout.split == "cols" else gram_r
+        if layout.cols.split:
+            gram_r = summed[2] if not layout.rows.split else layout.sum_([gram_r], over_cols=True)[0]
         inv_sq = 1.0 / sq.clamp_min(torch.finfo(torch.float32).tiny)
         gram = basis.T @ basis
         eye = torch.eye(gram.shape[0], device=gram.device, dtype=gram.dtype)
@@ -362,8 +365,8 @@ class Auto(Switching):
         sketched = layout.project(state["auto_sketch"], grad)
         lowrank = lowrank.float()
         cross = torch.stack([(sketched * sketch_sums).sum(), (lowrank * sums).sum()])
-        if layout.split == "cols":  # partial sums over the column shards
-            (cross,) = layout.sum_([cross])
+        if layout.cols.split:  # partial sums over the column shards
+            (cross,) = layout.sum_([cross], over_cols=True)
         diff = group["rank"] / state["auto_sketch"].shape[0] * cross[0] - cross[1]
         state["auto_test"].add_(torch.stack([diff, diff.square(), diff * state["auto_count"]]))
         sums.add_(lowrank)

@@ -143,7 +143,7 @@ def init_state(space: Subspace, state: dict) -> None:
     if not projector.random:  # a placeholder, replaced at the first refresh (no moments to carry yet)
         state["basis"] = held(torch.zeros(d, group["rank"], device=device), group)
     state["random_basis"] = projector.random
-    lowrank = torch.zeros(group["rank"], layout.size if layout.split == "cols" else big, device=device)
+    lowrank = torch.zeros(group["rank"], layout.local_cols(big), device=device)
     rule.direction([layout.wrap(lowrank)], [state], group)
     reset_steps(state)
     projector.init_state(state, group, lowrank, layout)

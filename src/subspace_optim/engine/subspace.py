@@ -144,9 +144,9 @@ class Subspace:
 
     def owned_refresh(self, state: dict, key: int, grad: Tensor) -> OwnedRefresh:
         """A data-dependent refresh of the whole gradient, computed on its owner rank (distributed.run_owned)."""
-        rows = local(grad).reshape(local(self.param).shape[0], -1)
+        part = local(grad).reshape(local(self.param).shape[0], -1)
         orient = (lambda w: w) if self.left else (lambda w: w.T)
-        return OwnedRefresh(self.layout, self.layout.owner(self.index), rows, orient,
+        return OwnedRefresh(self.layout, self.layout.owner(self.index), part, orient,
                             lambda whole: self._data_basis(state, key, whole), (self.dims[0], self.group["rank"]))
 
     def _data_basis(self, state: dict, key: int, grad: Tensor) -> Tensor:

@@ -22,6 +22,30 @@ from torch import nn
 from .config import UsageError
 
 MODES = ("none", "ddp", "fsdp2")
+#: torch's tensor-parallel plan for a LLaMA block (Megatron's): the projections into the heads and the MLP's
+#: hidden units split by output rows, the projections out of them by input columns, so that each block needs one
+#: all-reduce of its activations in forward and one in backward. The embeddings, norms and lm_head stay whole.
+LLAMA_TP_PLAN = {"self_attn.q_proj": "colwise", "self_attn.k_proj": "colwise", "self_attn.v_proj": "colwise",
+                 "self_attn.o_proj": "rowwise", "mlp.gate_proj": "colwise", "mlp.up_proj": "colwise",
+                 "mlp.down_proj": "rowwise"}
+
+
+def tensor_parallel(model: nn.Module, mesh) -> nn.Module:
+    """Apply :data:`LLAMA_TP_PLAN` with torch's ``ColwiseParallel``/``RowwiseParallel`` to every block of an HF
+    LLaMA-family model (``model.model.layers``) on the 1-D device ``mesh``; the heads must divide among its ranks."""
+    from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
+
+    size, config = mesh.size(), model.config
+    heads, kv_heads = config.num_attention_heads, getattr(config, "num_key_value_heads", None) or \
+        config.num_attention_heads
+    if heads % size or kv_heads % size:
+        raise UsageError(f"--tp {size}: the model's {heads} attention heads and {kv_heads} key/value heads must "
+                         f"divide among the {size} tensor-parallel ranks")
+    styles = {"colwise": ColwiseParallel, "rowwise": RowwiseParallel}
+    plan = {name: styles[style]() for name, style in LLAMA_TP_PLAN.items()}
+    for block in model.model.layers:
+        parallelize_module(block, mesh, plan)
+    return model
 
 
 @dataclass
