@@ -18,7 +18,7 @@ from torch.utils.data import DataLoader, TensorDataset
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from subspace_optim import GoLoreAdamW, subspace_param_groups
-from subspace_optim.integrations.lightning import SubspaceChecks, SubspaceDDPStrategy
+from subspace_optim.integrations.lightning import SubspaceCallback, SubspaceDDPStrategy
 
 VOCAB, SEQ = 64, 32
 
@@ -72,7 +72,7 @@ def main() -> None:
     data = DataLoader(sequences(16 * args.steps), batch_size=micro, shuffle=True)
     trainer = pl.Trainer(
         accelerator="cpu", devices=args.devices, max_epochs=1, accumulate_grad_batches=args.accumulate,
-        strategy=SubspaceDDPStrategy() if args.devices > 1 else "auto", callbacks=[SubspaceChecks()],
+        strategy=SubspaceDDPStrategy() if args.devices > 1 else "auto", callbacks=[SubspaceCallback()],
         logger=False, enable_checkpointing=False, enable_model_summary=False, log_every_n_steps=10,
     )
     trainer.fit(module, data)

@@ -24,7 +24,7 @@ from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
 import lightning.pytorch as pl
 import subspace_optim as so
 from lightning.pytorch.strategies import DDPStrategy
-from subspace_optim.integrations.lightning import SubspaceChecks, SubspaceDDPStrategy
+from subspace_optim.integrations.lightning import SubspaceCallback, SubspaceDDPStrategy
 
 warnings.filterwarnings("ignore", ".*(num_workers|does not have many workers|LeafSpec|sync_dist).*")
 BATCH, STEPS, GAP, RANK = 8, 6, 2, 3
@@ -128,7 +128,19 @@ def plain_ddp_refused() -> str:
     """grad_comm="subspace" under Lightning's own DDPStrategy (which would reduce the projected weights too)."""
     try:
         fit(Regression(grad_comm="subspace"), BATCH // 2, devices=2, strategy=DDPStrategy(),
-            callbacks=[SubspaceChecks()])
+            callbacks=[SubspaceCallback()])
+    except ValueError as error:
+        return str(error)
+    return ""
+
+
+def fit_again() -> str:
+    """One module fit by two Trainers: the first strategy removed its optimizer's hooks at the end of fit, so the
+    second optimizer can take the parameters ("" or the error)."""
+    module = Regression(grad_comm="subspace", layerwise=True)
+    try:
+        for _ in range(2):
+            fit(module, BATCH // 2, devices=2, strategy=SubspaceDDPStrategy())
     except ValueError as error:
         return str(error)
     return ""
@@ -137,6 +149,7 @@ def plain_ddp_refused() -> str:
 def main(out: str) -> None:
     results = {name: ddp_case(name) for name in DDP_CASES}
     results["plain-ddp-refused"] = plain_ddp_refused()
+    results["fit-again"] = fit_again()
     results["world"] = dist.get_world_size()
     if dist.get_rank() == 0:
         with open(out, "w") as f:

@@ -14,13 +14,14 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 pytest.importorskip("lightning", reason="the lightning extra is not installed (pip install subspace_optim[lightning])")
 WORKER = Path(__file__).with_name("lightning_worker.py")
 sys.path.insert(0, str(WORKER.parent))
 import lightning_worker as worker  # noqa: E402
 
-from subspace_optim.integrations.lightning import SubspaceChecks  # noqa: E402
+from subspace_optim.integrations.lightning import SubspaceCallback  # noqa: E402
 
 pytestmark = pytest.mark.filterwarnings("ignore:.*LeafSpec")  # Lightning's own use of a deprecated torch API
 
@@ -39,7 +40,7 @@ def test_one_process_takes_the_steps_of_a_torch_loop(case, optimizer):
     a step more or less, or a micro-batch lost, would show."""
     kw, batch, accumulate = ONE_PROCESS[case]
     module = worker.fit(worker.Regression(optimizer, **kw), batch, accumulate_grad_batches=accumulate,
-                        callbacks=[SubspaceChecks()])
+                        callbacks=[SubspaceCallback()])
     assert worker.max_error(module.net, worker.reference(optimizer)) < 1e-6
     assert worker.max_error(module.net, worker.Regression().net) > 1e-2  # it trained
 
@@ -48,14 +49,28 @@ def test_settings_the_hooks_cannot_follow_are_refused():
     """Lightning's gradient clipping and an accumulate_grad_batches other than accumulation_steps, at the start of
     fit; an epoch whose last accumulation window is short, before that step."""
     with pytest.raises(ValueError, match="gradient_clip_val=1.0.*clip by the dense gradients"):
-        worker.fit(worker.Regression(layerwise=True), gradient_clip_val=1.0, callbacks=[SubspaceChecks()])
+        worker.fit(worker.Regression(layerwise=True), gradient_clip_val=1.0, callbacks=[SubspaceCallback()])
     with pytest.raises(ValueError, match="accumulate_grad_batches=2.*accumulation_steps=1"):
-        worker.fit(worker.Regression(layerwise=True), accumulate_grad_batches=2, callbacks=[SubspaceChecks()])
+        worker.fit(worker.Regression(layerwise=True), accumulate_grad_batches=2, callbacks=[SubspaceCallback()])
     module = worker.Regression(layerwise=True, accumulation_steps=2)
     with pytest.raises(RuntimeError, match="multiple of accumulate_grad_batches"):
-        worker.fit(module, batches=3, accumulate_grad_batches=2, callbacks=[SubspaceChecks()])  # 2 + 1
+        worker.fit(module, batches=3, accumulate_grad_batches=2, callbacks=[SubspaceCallback()])  # 2 + 1
     # standard mode clips as Lightning does: allowed
-    worker.fit(worker.Regression(), gradient_clip_val=1.0, callbacks=[SubspaceChecks()])
+    worker.fit(worker.Regression(), gradient_clip_val=1.0, callbacks=[SubspaceCallback()])
+
+
+def test_the_callback_lets_a_module_be_fit_again():
+    """Lightning keeps the first optimizer alive (module -> trainer -> optimizer); its layer-wise hooks would keep
+    the parameters from a second optimizer, unless removed at the end of fit."""
+    module = worker.Regression(layerwise=True)
+    worker.fit(module)
+    with pytest.raises(ValueError, match="already updated by another layer-wise optimizer"):
+        worker.fit(module)
+    module = worker.Regression(layerwise=True)
+    worker.fit(module, callbacks=[SubspaceCallback()])
+    once = [p.detach().clone() for p in module.parameters()]
+    worker.fit(module, callbacks=[SubspaceCallback()])
+    assert all(not torch.equal(a, b) for a, b in zip(once, module.parameters()))
 
 
 @pytest.fixture(scope="module")
@@ -83,9 +98,10 @@ def test_ddp_at_two_processes_takes_the_steps_of_one_process(ddp, case):
 
 @pytest.mark.distributed
 @pytest.mark.slow
-def test_ddp_strategy_that_reduces_the_projected_weights_is_refused(ddp):
+def test_ddp_strategy_that_reduces_the_projected_weights_is_refused_and_ours_fits_again(ddp):
     assert "use Trainer(strategy=subspace_optim.integrations.lightning.SubspaceDDPStrategy())" in ddp[
         "plain-ddp-refused"]
+    assert ddp["fit-again"] == ""
 
 
 

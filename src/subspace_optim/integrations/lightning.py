@@ -14,8 +14,9 @@ Two things need this module:
 - Hooks that take the gradient during backward (layer-wise mode, ``grad_comm="subspace"``) cannot follow three of
   Lightning's settings: its gradient clipping (after backward the projected gradients are gone: it would clip by
   the dense ones' norm), an ``accumulate_grad_batches`` other than ``accumulation_steps``, and a step after fewer
-  micro-batches (an epoch's last, short accumulation window). ``SubspaceChecks``, a callback that the strategy
-  also runs itself, refuses them with a clear error instead of training on silently.
+  micro-batches (an epoch's last, short accumulation window). ``SubspaceCallback`` (the strategy does what it does
+  itself) refuses them with a clear error instead of training on silently, and removes the hooks when fit ends, so
+  that the module can be fit again.
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ from torch.nn.parallel import DistributedDataParallel
 from ..engine import comm
 from ..optimizer import SubspaceOptimizer
 
-__all__ = ["SubspaceChecks", "SubspaceDDPStrategy", "check_trainer", "check_micro_batches"]
+__all__ = ["SubspaceCallback", "SubspaceDDPStrategy", "check_trainer", "check_micro_batches", "release"]
 
 
 def _hooked(optimizers) -> list[SubspaceOptimizer]:
@@ -65,6 +66,14 @@ def check_trainer(trainer: Trainer) -> None:
                 "use Trainer(strategy=subspace_optim.integrations.lightning.SubspaceDDPStrategy())")
 
 
+def release(optimizers) -> None:
+    """At the end of fit: remove the optimizers' hooks, so that the module can be fit again (a second Trainer,
+    ``Tuner.lr_find``): the module keeps its trainer, which keeps these optimizers alive, and a parameter takes
+    the hooks of one live optimizer at a time."""
+    for optimizer in _hooked(optimizers):
+        optimizer.remove_hooks()
+
+
 def check_micro_batches(optimizer) -> None:
     """Before ``step()``: every hook has seen its step's last micro-batch (RuntimeError otherwise)."""
     if any(state.get("micro") for state in optimizer.state.values()):
@@ -74,15 +83,20 @@ def check_micro_batches(optimizer) -> None:
             "optimization, step after accumulation_steps backward passes)")
 
 
-class SubspaceChecks(Callback):
-    """``Trainer(callbacks=[SubspaceChecks()])``: :func:`check_trainer` at the start of fit and
-    :func:`check_micro_batches` before every step. ``SubspaceDDPStrategy`` runs both itself."""
+class SubspaceCallback(Callback):
+    """``Trainer(callbacks=[SubspaceCallback()])``: :func:`check_trainer` at the start of fit,
+    :func:`check_micro_batches` before every step, :func:`release` at the end. ``SubspaceDDPStrategy`` does all
+    three itself."""
 
     def on_fit_start(self, trainer, pl_module) -> None:
         check_trainer(trainer)
 
     def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
         check_micro_batches(optimizer)
+
+    def teardown(self, trainer, pl_module, stage: str) -> None:
+        if stage == "fit":
+            release(trainer.optimizers)
 
 
 class SubspaceDDPStrategy(DDPStrategy):
@@ -112,6 +126,10 @@ class SubspaceDDPStrategy(DDPStrategy):
         super().setup(trainer)
         if trainer.state.fn == TrainerFn.FITTING:
             check_trainer(trainer)
+
+    def teardown(self) -> None:
+        super().teardown()
+        release(self.optimizers)
 
     def optimizer_step(self, optimizer, closure, model=None, **kwargs):
         def checked():
