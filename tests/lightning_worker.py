@@ -9,7 +9,6 @@ batches are the single process's batch.
 
 from __future__ import annotations
 
-import copy
 import json
 import os
 import sys

@@ -33,14 +33,15 @@ ONE_PROCESS = {  # optimizer keywords (and manual=), micro-batch, accumulate_gra
 }
 
 
+@pytest.mark.parametrize("callbacks", [[], [SubspaceCallback()]], ids=["plain", "callback"])
 @pytest.mark.parametrize("optimizer", ["golore", "galore"])
 @pytest.mark.parametrize("case", ONE_PROCESS)
-def test_one_process_takes_the_steps_of_a_torch_loop(case, optimizer):
+def test_one_process_takes_the_steps_of_a_torch_loop(case, optimizer, callbacks):
     """6 steps with a refresh every 2, against the same optimizer (standard mode) stepped by hand on whole batches;
-    a step more or less, or a micro-batch lost, would show."""
+    a step more or less, or a micro-batch lost, would show. Plain use needs nothing; the callback changes nothing."""
     kw, batch, accumulate = ONE_PROCESS[case]
     module = worker.fit(worker.Regression(optimizer, **kw), batch, accumulate_grad_batches=accumulate,
-                        callbacks=[SubspaceCallback()])
+                        callbacks=callbacks)
     assert worker.max_error(module.net, worker.reference(optimizer)) < 1e-6
     assert worker.max_error(module.net, worker.Regression().net) > 1e-2  # it trained
 
