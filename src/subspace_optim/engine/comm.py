@@ -108,7 +108,7 @@ def leave_to_optimizers(model: nn.Module, optimizers: list) -> None:
 
     for optimizer in optimizers:
         if getattr(optimizer, "grad_comm", None) != "subspace":
-            raise ValueError("leaving weights to the optimizer needs an optimizer built with grad_comm='subspace'")
+            raise ValueError("DDP can leave the projected weights only to an optimizer built with grad_comm='subspace'")
     ignored = set(getattr(model, "_ddp_params_and_buffers_to_ignore", ()))
     for name, p in model.named_parameters():
         owner = next((opt for opt in optimizers if p in opt._spaces and opt._spaces[p].projects), None)
