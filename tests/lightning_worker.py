@@ -64,7 +64,8 @@ def make_optimizer(model: nn.Module, name: str, **kw):
 
 def data(batches: int = STEPS):
     gen = torch.Generator().manual_seed(7)
-    return TensorDataset(torch.randn(batches * BATCH, 12, generator=gen), torch.randn(batches * BATCH, 6, generator=gen))
+    n = batches * BATCH
+    return TensorDataset(torch.randn(n, 12, generator=gen), torch.randn(n, 6, generator=gen))
 
 
 def fit(module: Regression, batch: int = BATCH, batches: int = STEPS, **trainer_kw) -> Regression:
