@@ -95,8 +95,24 @@ def subspace_ddp(model: nn.Module, optimizer, **ddp_kwargs) -> nn.Module:
     with ``grad_comm="subspace"``) to the optimizer, which reduces their gradients in the subspace."""
     from torch.nn.parallel import DistributedDataParallel
 
-    if getattr(optimizer, "grad_comm", None) != "subspace":
-        raise ValueError("subspace_ddp needs an optimizer built with grad_comm='subspace'")
-    names = [name for name, p in model.named_parameters() if p in optimizer._spaces and optimizer._spaces[p].projects]
-    DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(model, names)
+    leave_to_optimizers(model, [optimizer])
     return DistributedDataParallel(model, **ddp_kwargs)
+
+
+@torch.no_grad()
+def leave_to_optimizers(model: nn.Module, optimizers: list) -> None:
+    """Before DDP wraps ``model``: tell it to ignore the weights that ``optimizers`` (each built with
+    ``grad_comm="subspace"``) project, and broadcast those weights from the first rank, as DDP does at construction
+    for the weights it keeps (a rank whose replica started elsewhere would otherwise stay elsewhere)."""
+    from torch.nn.parallel import DistributedDataParallel
+
+    for optimizer in optimizers:
+        if getattr(optimizer, "grad_comm", None) != "subspace":
+            raise ValueError("DDP can leave the projected weights only to an optimizer built with grad_comm='subspace'")
+    ignored = set(getattr(model, "_ddp_params_and_buffers_to_ignore", ()))
+    for name, p in model.named_parameters():
+        owner = next((opt for opt in optimizers if p in opt._spaces and opt._spaces[p].projects), None)
+        if owner is not None:
+            ignored.add(name)
+            dist.broadcast(p, group_src=0, group=owner.process_group)
+    DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(model, sorted(ignored))
