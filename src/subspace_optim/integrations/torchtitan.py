@@ -3,7 +3,7 @@
 torchtitan matches each ``ParamGroupConfig``'s regex against the parameters' FQNs (first match wins) and builds
 one optimizer per ``optimizer_name`` and model part from the matched groups; ``optimizer_kwargs`` become the
 group's settings (``lr``, ``rank``, ``projector``, ``update_gap``, ...), ``optimizer_factory_kwargs_by_name[name]``
-the optimizer's own keywords (``layerwise``, ``nonfinite``). Each group carries torchtitan's ``param_names``, so
+the optimizer's own keywords (e.g. ``nonfinite``). Each group carries torchtitan's ``param_names``, so
 random bases are keyed by FQN: pipeline stages and model parts draw the bases one model would.
 
 Checkpoints go through the container's flat, FQN-keyed state dict. Its ``init_optim_state`` (one step at lr 0 on
