@@ -19,22 +19,14 @@ from typing import Any
 from torch.optim import Optimizer
 from torchtitan.components.optimizer import OptimizersContainer
 
-from ..optimizer import (
-    GaLoreAdamW,
-    GoLoreAdamW,
-    GoLoreSGD,
-    OnlineSubspaceAdamW,
-    SubspaceAdafactor,
-    SubspaceAdamW,
-    SubspaceLion,
-    SubspaceSGD,
-)
+from .. import optimizer
 
 __all__ = ["OPTIMIZERS", "SubspaceOptimizersContainer"]
 
-#: The names a ``ParamGroupConfig.optimizer_name`` may take besides torchtitan's own ("Adam", "AdamW", "DistMuon").
-OPTIMIZERS = {cls.__name__: cls for cls in (SubspaceAdamW, SubspaceSGD, SubspaceAdafactor, SubspaceLion,
-                                            GaLoreAdamW, GoLoreAdamW, GoLoreSGD, OnlineSubspaceAdamW)}
+#: The names a ``ParamGroupConfig.optimizer_name`` may take besides torchtitan's own ("Adam", "AdamW", "DistMuon"):
+#: every optimizer class this library exports (a rule's class and the papers' aliases, not the abstract base).
+OPTIMIZERS = {name: cls for name, cls in vars(optimizer).items()
+              if isinstance(cls, type) and issubclass(cls, optimizer.SubspaceOptimizer) and cls.rule_name}
 
 #: The group keys torchtitan's ``implementation`` sets for torch.optim's kernels. Ours are not switched by them:
 #: each rule takes torch's fused kernel where the device has one, so they are dropped, not saved as settings.
