@@ -69,11 +69,12 @@ def test_fsdp2_run_resumes_bitwise_through_torchtitans_checkpointer(fsdp2, proje
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("projector,extra", [("golore", {}), ("hybrid", {"total_steps": 4}), ("online_pca", {}),
-                                             ("auto", {})])
+@pytest.mark.parametrize("projector,extra", [("golore", {}), ("hybrid", {"total_steps": 4, "random_fraction": 0.5}),
+                                             ("online_pca", {}), ("auto", {})])
 def test_one_process_run_resumes_bitwise(tmp_path, projector, extra):
     """The same in one process on the debug model's first 2 blocks, for the projectors whose state has other keys:
-    hybrid's switch, online PCA's nested Adam state of P (saved as state.FQN.pca.*), auto's statistics."""
+    hybrid's switch (at step 3, before the save), online PCA's nested Adam state of P (saved as state.FQN.pca.*),
+    auto's statistics."""
     check_resumed(worker.case_resume(projector, tmp_path, sharded=False, blocks=2, **extra))
 
 
