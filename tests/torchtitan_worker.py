@@ -118,7 +118,6 @@ def template_step(model: nn.Module, optimizers) -> dict:
         "no_skip": all(g["skipped_steps"] == 0 for o in optimizers for g in o.param_groups),
         "lrs_restored": lrs == [g["lr"] for o in optimizers for g in o.param_groups],
         "grads_cleared": all(p.grad is None for p in model.parameters()),
-        "flat_keys": sorted({k.split(".")[0] for k in flat}),
         "fqn_keyed": all(k.startswith(("state.", "param_groups.")) for k in flat),
     }
 
