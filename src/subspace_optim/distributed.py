@@ -42,6 +42,14 @@ def local(t: Tensor) -> Tensor:
     return t.to_local() if is_dtensor(t) else t
 
 
+def replicated_like(t: Tensor, like: Tensor) -> Tensor:
+    """``t``, which every rank holds whole and alike, as a ``Replicate()`` DTensor on ``like``'s mesh when ``like`` is
+    a DTensor (DTensor ops do not mix with plain tensors; no communication), else ``t`` itself."""
+    if not is_dtensor(like):
+        return t
+    return DTensor.from_local(t, like.device_mesh, [Replicate()] * like.device_mesh.ndim, run_check=False)
+
+
 def chunk_sizes(length: int, parts: int) -> list[int]:
     """Row counts of ``Shard(0)`` over ``parts`` ranks (torch.chunk: ceil(length / parts) each, the rest last)."""
     size = -(-length // parts) if parts else 0
