@@ -24,6 +24,9 @@ ARGS = ["--model", "llama-tiny", "--batch-size", "4", "--seq-len", "32", "--upda
 
 
 RSO = ["--optimizer", "rso", "--moments", "project", "--fused-loss"]
+# llama-tiny with lm_head tied to the embedding (32000 x 128 parameters fewer)
+TIED = {"model_type": "llama", "vocab_size": 32000, "hidden_size": 128, "intermediate_size": 352,
+        "num_hidden_layers": 6, "num_attention_heads": 4, "rms_norm_eps": 1e-6, "tie_word_embeddings": True}
 
 
 def torchrun(*args: str) -> None:
@@ -49,7 +52,12 @@ def runs(tmp_path_factory):
     subspace = ["--layerwise", "--grad-accum", "2", "--fused-loss"]
     assert main(["train", *ARGS, *subspace, "--out", str(root / "single-layerwise")]) in (0, None)
     torchrun(*ARGS, *subspace, "--out", str(root / "ddp-subspace"), "--distributed", "ddp", "--grad-comm", "subspace")
-    # RSO layers sharded by FSDP2, whose root is the fused loss's module; project: B's moments carried at the merges
+    # the fused loss under FSDP2 (its module the root, which unshards lm_head), lm_head tied to the embedding
+    (root / "tied.json").write_text(json.dumps(TIED))
+    tied = ["--model", str(root / "tied.json"), "--fused-loss"]
+    assert main(["train", *ARGS, *tied, "--out", str(root / "single-tied")]) in (0, None)
+    torchrun(*ARGS, *tied, "--out", str(root / "fsdp2-tied"), "--distributed", "fsdp2")
+    # RSO layers sharded by FSDP2, with the fused loss; project: B's moments carried at the merges
     assert main(["train", *ARGS, *RSO, "--out", str(root / "single-rso")]) in (0, None)
     torchrun(*ARGS, *RSO, "--out", str(root / "fsdp2-rso"), "--distributed", "fsdp2")
     return root
@@ -73,6 +81,15 @@ def test_gradients_reduced_in_the_subspace_end_at_the_single_process_loss(runs):
     assert abs(distributed - single) <= 1e-4 * abs(single)
     config = json.loads((runs / "ddp-subspace" / "config.json").read_text())
     assert config["grad_comm"] == "subspace" and config["layerwise"] and config["clip"] == 0
+
+
+@pytest.mark.distributed
+def test_fused_loss_with_a_tied_lm_head_under_fsdp2_ends_at_the_single_process_loss(runs):
+    """--fused-loss under FSDP2, lm_head tied to the embedding: the same loss as one process (equal here)."""
+    single, distributed = val_loss(runs / "single-tied"), val_loss(runs / "fsdp2-tied")
+    assert abs(distributed - single) <= 1e-5 * abs(single)
+    summaries = {name: json.loads((runs / name / "summary.json").read_text()) for name in ("fsdp2-tied", "fsdp2")}
+    assert summaries["fsdp2-tied"]["parameters"] == summaries["fsdp2"]["parameters"] - 32000 * 128
 
 
 @pytest.mark.distributed
