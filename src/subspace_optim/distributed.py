@@ -30,7 +30,7 @@ try:
 except ImportError:  # pragma: no cover - torch built without distributed
     DTensor = None
 
-__all__ = ["Layout", "LOCAL", "layout_of", "local", "is_dtensor"]
+__all__ = ["Layout", "LOCAL", "layout_of", "local", "is_dtensor", "replicated_like"]
 
 
 def is_dtensor(t) -> bool:

@@ -170,10 +170,10 @@ class TrainConfig:
         return cls(**values)
 
 
-# Why these methods stay single-process or DDP: what each would need of a weight that FSDP2 holds as row shards.
+# Why these methods are refused under FSDP2 (they run in one process and under DDP).
 FSDP2_REFUSED = {
-    "galore-torch": "GaLoreAdamW takes the SVD of each gradient as a plain tensor, which under FSDP2 is a DTensor "
-                    "holding this rank's rows",
+    "galore-torch": "GaLoreAdamW takes the SVD of each gradient as a plain tensor, and FSDP2 holds each gradient as "
+                    "a DTensor of this rank's rows",
     "lora": "peft puts its adapters in when the optimizer is built, after FSDP2 has sharded the model; not tested",
 }
 
@@ -214,8 +214,8 @@ def resolve(cfg: TrainConfig) -> TrainConfig:
         raise UsageError("--fused-loss is for causal-LM training (`train`, `finetune --task sft`); a classifier has no "
                          "vocabulary-sized output layer to fuse")
     if cfg.distributed == "fsdp2" and cfg.optimizer in ("galore-torch", "lora"):
-        raise UsageError(f"--optimizer {cfg.optimizer} cannot run under --distributed fsdp2 (sharded weights: "
-                         f"{FSDP2_REFUSED[cfg.optimizer]}): use --distributed ddp")
+        raise UsageError(f"--optimizer {cfg.optimizer} cannot run under --distributed fsdp2 "
+                         f"({FSDP2_REFUSED[cfg.optimizer]}): use --distributed ddp")
     if cfg.grad_comm == "subspace" and cfg.distributed != "ddp":
         raise UsageError("--grad-comm subspace is how --distributed ddp reduces the projected gradients (FSDP2 "
                          "reduce-scatters its shards itself): add --distributed ddp under torchrun")
