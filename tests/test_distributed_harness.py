@@ -96,7 +96,7 @@ def test_fused_loss_with_a_tied_lm_head_under_fsdp2_ends_at_the_single_process_l
 def test_rso_with_the_fused_loss_under_fsdp2_takes_the_single_process_steps(runs):
     """RSO under FSDP2: W, B and B's moments sharded by rows, every merge W <- W + B P and moment transfer done on
     each rank's rows with the replicated P; the fused loss inside FSDP2's root. 3 merges in 6 steps; the val loss
-    agrees to about 3e-7 here (the weights to 1.3e-5 with Adam, 1.2e-7 with --rule sgd)."""
+    agrees to about 3e-7 here (the weights: docs/distributed.md)."""
     single, distributed = val_loss(runs / "single-rso"), val_loss(runs / "fsdp2-rso")
     assert abs(distributed - single) <= 1e-5 * abs(single)
     config = json.loads((runs / "fsdp2-rso" / "config.json").read_text())
