@@ -133,3 +133,45 @@ def test_fused_loss_needs_a_linear_lm_head():
     model.set_output_embeddings(nn.Sequential(model.lm_head))
     with pytest.raises(ValueError, match="nn.Linear"):
         causal_lm_loss(model, lm_batch(), fused=True)
+
+
+@pytest.fixture
+def one_process_group():
+    """A gloo process group of this process alone (FSDP2 needs one; its parameters are then 1-shard DTensors)."""
+    import torch.distributed as dist
+
+    if not dist.is_available() or not dist.is_gloo_available():
+        pytest.skip("torch.distributed with gloo is needed")
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    yield
+    dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_fused_loss_under_fully_shard_unshards_lm_head(one_process_group, tied):
+    """The harness's FSDP2 around FusedCausalLM (each decoder layer, then the wrapper as the root): the root's
+    pre-forward unshards lm_head's weight, tied to the embedding or not, so the loss and every gradient are the
+    unwrapped model's. Outside a forward the weight is the DTensor shard, which the fused op cannot take."""
+    from torch.distributed.fsdp import FSDPModule
+    from torch.distributed.tensor import DTensor
+
+    from subspace_optim.train.loss import FusedCausalLM
+    from subspace_optim.train.parallel import Parallel
+
+    batch = lm_batch()
+    reference = tiny_lm(tie_word_embeddings=tied)
+    expected, expected_grads = loss_and_grads(reference, batch, fused=True)
+    model = tiny_lm(tie_word_embeddings=tied)
+    trained = Parallel("fsdp2").wrap(FusedCausalLM(model))
+    assert isinstance(trained, FSDPModule) and isinstance(model.model.layers[0], FSDPModule)
+    assert isinstance(model.lm_head.weight, DTensor)
+    assert (model.lm_head.weight is model.model.embed_tokens.weight) == tied
+    with pytest.raises(RuntimeError, match="mixed torch.Tensor and DTensor"):
+        causal_lm_loss(model, batch, fused=True)  # the body and lm_head called around the sharded root
+    loss = trained(**batch).loss
+    loss.backward()
+    torch.testing.assert_close(loss, expected, rtol=1e-6, atol=0)
+    grads = {name.removeprefix("model."): p.grad.full_tensor() for name, p in trained.named_parameters()}
+    assert grads.keys() == expected_grads.keys()
+    for name, grad in expected_grads.items():
+        torch.testing.assert_close(grads[name], grad, rtol=1e-5, atol=1e-8, msg=name)

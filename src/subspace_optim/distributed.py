@@ -34,7 +34,7 @@ try:
 except ImportError:  # pragma: no cover - torch built without distributed
     DTensor = None
 
-__all__ = ["Layout", "LOCAL", "layout_of", "local", "is_dtensor"]
+__all__ = ["Layout", "LOCAL", "layout_of", "local", "is_dtensor", "replicated_like"]
 
 
 def is_dtensor(t) -> bool:
@@ -44,6 +44,14 @@ def is_dtensor(t) -> bool:
 def local(t: Tensor) -> Tensor:
     """The tensor this rank holds: a DTensor's local shard, anything else as it is."""
     return t.to_local() if is_dtensor(t) else t
+
+
+def replicated_like(t: Tensor, like: Tensor) -> Tensor:
+    """``t``, which every rank holds whole and alike, as a ``Replicate()`` DTensor on ``like``'s mesh when ``like`` is
+    a DTensor (DTensor ops do not mix with plain tensors; no communication), else ``t`` itself."""
+    if not is_dtensor(like):
+        return t
+    return DTensor.from_local(t, like.device_mesh, [Replicate()] * like.device_mesh.ndim, run_check=False)
 
 
 @dataclass(frozen=True)

@@ -43,6 +43,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .distributed import replicated_like
 from .groups import target_modules
 from .projectors import derive_seed, haar_stiefel
 from .rules import FIRST_MOMENTS
@@ -225,8 +226,9 @@ class RSOLinear(nn.Module):
     @torch.no_grad()
     def fold(self) -> None:
         """W ← W + B P, B ← 0 (the model function is unchanged up to rounding). The projection is
-        advanced separately, once per group, by ``merge_rso``."""
-        self.weight.addmm_(self.B, self.projection.P_as(self.B.dtype))
+        advanced separately, once per group, by ``merge_rso``. Under FSDP2, W and B are row shards (DTensors) and
+        P, the same on every rank, joins them replicated: each rank folds its own rows."""
+        self.weight.addmm_(self.B, replicated_like(self.projection.P_as(self.B.dtype), self.weight))
         self.B.zero_()
 
     def extra_repr(self) -> str:
@@ -401,8 +403,8 @@ class RSOController:
                 continue
             state = optimizer.state.get(layer.B, {})
             transfer = transfers[id(layer.projection)]
-            for key in FIRST_MOMENTS & state.keys():
-                state[key].copy_(state[key] @ transfer.to(state[key].dtype))
+            for key in FIRST_MOMENTS & state.keys():  # FSDP2: a row-sharded moment times the replicated transfer
+                state[key].copy_(state[key] @ replicated_like(transfer.to(state[key].dtype), state[key]))
 
     def remove(self) -> None:
         """Detach from the optimizer."""

@@ -24,6 +24,7 @@ from .optimizers import check_method, rank_for
 from .pretrain import lm_task
 from .runlog import MetricsLog, plot_losses, write_json
 from .sft import sft_task
+from .task import model_loss
 
 TASKS = {"lm": lm_task, "classify": classify_task, "sft": sft_task}
 COMMANDS = {"lm": "train", "classify": "finetune", "sft": "finetune"}
@@ -109,15 +110,19 @@ def _train(cfg: TrainConfig, method, run_dir: Path, resume_from: Path | None, pa
         if method.rank:
             cfg.rank = rank_for(cfg, task.model)
         model = to_device(task.model, device, cfg.dtype)
+        if method.prepare is not None:  # RSO swaps its layers in, before DDP/FSDP2 see the parameters
+            method.prepare(cfg, model)
+        # what forward runs: the model, or the fused loss around it; `model` stays the bare module for saving
+        trained = task.module(model)
         if par.mode == "fsdp2":  # shard first: the optimizer must hold (and key its state by) the sharded parameters
-            model = par.wrap(model)
+            trained = par.wrap(trained)
     with peaks.phase("optimizer"):
         setup = method.build(cfg, model)
-    model, optimizer = setup.model, setup.optimizer
+    optimizer = setup.optimizer
     if isinstance(optimizer, SubspaceOptimizer):
         optimizer.process_group = par.optimizer_group  # DDP: each SVD refresh on one rank, broadcast
-    # DDP wraps the final model (RSO has swapped its layers by now); `model` stays the bare module for saving
-    trained = par.wrap(model, optimizer) if par.mode == "ddp" else model
+    if par.mode == "ddp":
+        trained = par.wrap(trained, optimizer)
     schedule = cosine_with_warmup(cfg.warmup, cfg.steps, cfg.min_lr_ratio)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
     identity = {k: getattr(cfg, k) for k in ("task", "model", "optimizer", "rule", "rank", "target", "layerwise")}
@@ -163,7 +168,7 @@ def _train(cfg: TrainConfig, method, run_dir: Path, resume_from: Path | None, pa
             # activations: what autograd saves during one forward (measured once, on the first micro-batch)
             measure = "activations_bytes" not in memory
             with peaks.phase("forward"), SavedActivations(model) if measure else nullcontext() as meter:
-                loss = task.loss(trained, batch) / cfg.grad_accum
+                loss = model_loss(trained, batch) / cfg.grad_accum
             if measure:
                 meter.add_held(loss)
                 memory["activations_bytes"] = meter.bytes

@@ -54,9 +54,12 @@ def fused_parts(model: nn.Module) -> tuple[nn.Module, nn.Linear]:
     return model.base_model, head
 
 
-def causal_lm_loss(model: nn.Module, batch: dict, fused: bool) -> torch.Tensor:
-    """Mean next-token cross-entropy over the labels that are not -100: ``model(**batch).loss``, or with
-    ``fused`` the same value from torch's chunked ``linear_cross_entropy`` on the last hidden states.
+class FusedCausalLM(nn.Module):
+    """An HF causal LM whose ``forward(**batch).loss`` is the fused loss: its body's last hidden states, then torch's
+    chunked ``linear_cross_entropy`` with lm_head's weight and bias. The loss and both uses of the weights happen
+    inside one module's forward, so DDP and FSDP2 wrap this module and their hooks fire as for ``model(**batch)``:
+    FSDP2's pre-forward unshards lm_head's weight (outside a forward it is the rank's DTensor shard), DDP reduces
+    every gradient. The model is ``self.model``, its parameters and state-dict names the model's under "model.".
 
     Position t predicts label t+1 (HF's ForCausalLMLoss pads the labels with -100 and drops the first, which
     ignores the last position; here hidden[:, :-1] meets labels[:, 1:]). A tied lm_head is the embedding
@@ -64,25 +67,39 @@ def causal_lm_loss(model: nn.Module, batch: dict, fused: bool) -> torch.Tensor:
     weight and bias during forward and keeps them (tokens×hidden + vocab×hidden) until backward instead of
     tokens×vocab logits. Its loss has the input's dtype: in bfloat16 the fp32-accumulated value is rounded to
     bfloat16 once, where HF returns fp32."""
-    if not fused:
-        return model_loss(model, batch)
-    body, head = fused_parts(model)
-    inputs = {k: v for k, v in batch.items() if k != "labels"}
-    hidden = body(**inputs).last_hidden_state[:, :-1].flatten(0, 1)
-    targets = batch["labels"][:, 1:].flatten().long()  # int64, or the op falls back to full logits
-    return F.linear_cross_entropy(hidden, head.weight, targets, linear_bias=head.bias, ignore_index=-100,
-                                  options=chunk_options(hidden.device))
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        fused_parts(model)  # ValueError for a model whose loss is not the fused one
+        self.model = model
+
+    def forward(self, labels: torch.Tensor, **inputs):
+        from transformers.modeling_outputs import CausalLMOutput
+
+        body, head = self.model.base_model, self.model.get_output_embeddings()
+        hidden = body(**inputs).last_hidden_state[:, :-1].flatten(0, 1)
+        targets = labels[:, 1:].flatten().long()  # int64, or the op falls back to full logits
+        loss = F.linear_cross_entropy(hidden, head.weight, targets, linear_bias=head.bias, ignore_index=-100,
+                                      options=chunk_options(hidden.device))
+        return CausalLMOutput(loss=loss)
 
 
-def checked_loss(model: nn.Module, fused: bool):
-    """``causal_lm_loss`` for ``model``, fused or not; --fused-loss on a model it cannot fuse is one UsageError."""
-    import functools
+def causal_lm_loss(model: nn.Module, batch: dict, fused: bool) -> torch.Tensor:
+    """Mean next-token cross-entropy over the labels that are not -100: ``model(**batch).loss``, or with
+    ``fused`` the same value from ``FusedCausalLM(model)`` (a ValueError for a model it cannot fuse)."""
+    return model_loss(FusedCausalLM(model) if fused else model, batch)
 
+
+def loss_module(model: nn.Module, fused: bool):
+    """What the harness trains around a model: a function of the model (once moved and transformed) that gives
+    the module whose ``forward(**batch).loss`` is the training loss, the model itself or ``FusedCausalLM`` around
+    it. --fused-loss on a model it cannot fuse is one UsageError, raised now for ``model``."""
     from .config import UsageError
 
-    if fused:
-        try:
-            fused_parts(model)
-        except ValueError as err:
-            raise UsageError(f"--fused-loss: {err}") from None
-    return functools.partial(causal_lm_loss, fused=fused)
+    if not fused:
+        return lambda model: model
+    try:
+        fused_parts(model)
+    except ValueError as err:
+        raise UsageError(f"--fused-loss: {err}") from None
+    return FusedCausalLM

@@ -2,8 +2,9 @@
 
 An entry holds the method's builder, what it accepts (rules, --layerwise, --side, --moments, its own flags) and
 its defaults; `--help`, the checks before a run and the loop all read them from here, so a new method is one
-entry. A builder takes (config, model) and returns a Setup: it may transform the model (RSO swaps linear layers)
-and return a callback that the loop calls after every optimizer step.
+entry. A method may first transform the model in place (``prepare``: RSO swaps linear layers in), before DDP or
+FSDP2 wrap it; its builder then takes (config, model) and returns a Setup, which may hold a callback that the loop
+calls after every optimizer step.
 """
 
 from __future__ import annotations
@@ -43,6 +44,8 @@ class Method:
     random_basis: bool = True  # takes --random-basis regenerate (ours, with projected weights)
     subspace: bool = True  # our optimizer projecting weights: takes --weights int8 and --projection-dtype
     weight_rounding: bool = True  # takes --weight-rounding stochastic (ours)
+    # transforms the model in place before DDP/FSDP2 wrap it (FSDP2 shards the parameters that exist then)
+    prepare: Callable[[TrainConfig, nn.Module], None] | None = None
 
 
 def _rule_class(rule: str):
@@ -111,18 +114,25 @@ def _golore_at(cfg: TrainConfig, model: nn.Module) -> Setup:
                  random_fraction=golore_fraction(cfg.optimizer), total_steps=cfg.steps)
 
 
-def _rso(cfg: TrainConfig, model: nn.Module) -> Setup:
-    """RSO (Chen et al. 2025): targeted linear layers become W (frozen) + B P with a random orthonormal P; the
-    --rule trains B and the untargeted parameters at full rank; every --update-gap steps W <- W + B P and P is
-    redrawn. B's lr is --lr x --scale: with P = Qᵀ an inner step on B is then exactly the GoLore optimizer's
-    step with the same --lr and --scale, so the two share one recipe. --moments reset (default, the paper: the
-    subproblem restarts) or project (first moments carried into the new subspace, as GoLore's default)."""
-    from subspace_optim.rso import RSOController, apply_rso, rso_layers
+def _rso_layers(cfg: TrainConfig, model: nn.Module) -> None:
+    """RSO's layers in place of the targeted linear layers (``prepare``: FSDP2 then shards their B's too)."""
+    from subspace_optim.rso import apply_rso
 
     try:
         apply_rso(model, rank=rank_for(cfg, model), target=target_spec(cfg.target), seed=cfg.seed)
     except ValueError as err:
         raise UsageError(f"--optimizer rso: {err}") from None
+
+
+def _rso(cfg: TrainConfig, model: nn.Module) -> Setup:
+    """RSO (Chen et al. 2025): targeted linear layers are W (frozen) + B P with a random orthonormal P
+    (``_rso_layers``); the --rule trains B and the untargeted parameters at full rank; every --update-gap steps
+    W <- W + B P and P is redrawn. B's lr is --lr x --scale: with P = Qᵀ an inner step on B is then exactly the
+    GoLore optimizer's step with the same --lr and --scale, so the two share one recipe. --moments reset
+    (default, the paper: the subproblem restarts) or project (first moments carried into the new subspace, as
+    GoLore's default)."""
+    from subspace_optim.rso import RSOController, rso_layers
+
     subspace = {id(layer.B): layer.B for layer in rso_layers(model).values()}
     dense = [p for p in model.parameters() if p.requires_grad and id(p) not in subspace]
     groups = [{"params": dense}, {"params": list(subspace.values()), "lr": cfg.lr * cfg.scale}]
@@ -175,7 +185,8 @@ OPTIMIZERS: dict[str, Method] = {
                    "GoLore", _projector("auto")),
     "rso": Method("RSO layers: targeted linear layers train B in W + B P (B at --lr x --scale), merged every "
                   "--update-gap steps", _rso, layerwise=False, side=False, moments=("reset", "project"),
-                  default_moments="reset", flags=("rso_eta",), random_basis=False, subspace=False),
+                  default_moments="reset", flags=("rso_eta",), random_basis=False, subspace=False,
+                  prepare=_rso_layers),
     "galore-torch": Method("the GaLore authors' GaLoreAdamW (pip install galore-torch bitsandbytes) on the same "
                            "groups; cannot be resumed", _galore_torch, rules=("adamw",), layerwise=False,
                            moments=(), state_bits=False, random_basis=False, subspace=False,
@@ -254,4 +265,8 @@ def check_method(cfg: TrainConfig) -> Method:
 
 
 def build_optimizer(cfg: TrainConfig, model: nn.Module) -> Setup:
-    return check_method(cfg).build(cfg, model)
+    """The method of ``cfg`` prepared on ``model`` and built, as the loop does without DDP or FSDP2."""
+    method = check_method(cfg)
+    if method.prepare is not None:
+        method.prepare(cfg, model)
+    return method.build(cfg, model)

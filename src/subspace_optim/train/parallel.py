@@ -85,7 +85,9 @@ class Parallel:
 
     def wrap(self, model: nn.Module, optimizer=None) -> nn.Module:
         """The model to train: DDP around it (leaving the projected weights to an ``optimizer`` that reduces
-        their gradients in the subspace), or FSDP2 applied in place (each transformer block, then the root)."""
+        their gradients in the subspace), or FSDP2 applied in place (each transformer block, then the root). The
+        blocks are the classes an HF model names in ``_no_split_modules``, also when ``model`` wraps one (the
+        fused loss): the root is then the wrapper, whose forward unshards the root's parameters, lm_head's too."""
         if self.mode == "ddp":
             from torch.nn.parallel import DistributedDataParallel
 
@@ -98,7 +100,7 @@ class Parallel:
         if self.mode == "fsdp2":
             from torch.distributed.fsdp import fully_shard
 
-            blocks = set(getattr(model, "_no_split_modules", None) or ())
+            blocks = {name for module in model.modules() for name in getattr(module, "_no_split_modules", None) or ()}
             for module in model.modules():
                 if type(module).__name__ in blocks:
                     fully_shard(module)

@@ -12,9 +12,9 @@ from ..groups import target_modules
 from .config import TrainConfig, UsageError, target_spec
 from .data import (CHUNK_TOKENS, ShuffledBatches, StreamBatches, Tokenizer, hub_documents, in_validation,
                    is_hub_name, lm_batch, pack, read_documents, split, split_token_stream)
-from .loss import checked_loss
+from .loss import loss_module
 from .models import build_causal_lm, causal_lm_config, count_parameters, default_rank, max_positions
-from .task import Task
+from .task import Task, model_loss
 from .tokenizer import load_tokenizer
 
 
@@ -106,20 +106,20 @@ def lm_task(cfg: TrainConfig) -> Task:
     else:
         model = build_causal_lm(config, cfg.dtype, int8=_int8_modules(cfg) if cfg.weights == "int8" else None)
     info.update(count_parameters(model))
-    loss_fn = checked_loss(model, cfg.fused_loss)
+    module = loss_module(model, cfg.fused_loss)
 
     @torch.no_grad()
     def evaluate(model) -> dict:
         device = next(model.parameters()).device
         total = 0.0
         for rows in val.split(cfg.batch_size):
-            # The training loss function here too: without autograd nothing is saved, but the plain loss
-            # still makes the batch×seq×vocab logits (and their log-softmax) at once, which would set the
-            # run's peak memory that --fused-loss avoids. Every sequence has seq_len tokens, so a size-weighted
-            # mean of batch means is the token mean.
-            total += loss_fn(model, lm_batch(rows.to(device))).float().item() * len(rows)
+            # ``model`` is the trained module, so the training loss here too: without autograd nothing is saved,
+            # but the plain loss still makes the batch×seq×vocab logits (and their log-softmax) at once, which
+            # would set the run's peak memory that --fused-loss avoids. Every sequence has seq_len tokens, so a
+            # size-weighted mean of batch means is the token mean.
+            total += model_loss(model, lm_batch(rows.to(device))).float().item() * len(rows)
         loss = total / len(val)
         return {"val_loss": loss, "val_ppl": math.exp(min(loss, 700.0))}
 
     return Task(model=model, batches=batches, evaluate=evaluate, tokens=lambda b: b["input_ids"].numel(),
-                summary_keys={"val_loss": "final_val_loss", "val_ppl": "final_val_ppl"}, info=info, loss=loss_fn)
+                summary_keys={"val_loss": "final_val_loss", "val_ppl": "final_val_ppl"}, info=info, module=module)

@@ -29,9 +29,9 @@ import torch
 
 from .config import TrainConfig, UsageError
 from .data import ShuffledBatches, bbc_news_dir, split
-from .loss import checked_loss
+from .loss import loss_module
 from .models import count_parameters, max_positions
-from .task import Task
+from .task import Task, model_loss
 
 #: The chat template of a tokenizer that has none: an instruction format in plain text (no tokens to add).
 DEFAULT_CHAT_TEMPLATE = (
@@ -268,7 +268,7 @@ def sft_task(cfg: TrainConfig) -> Task:
     if cfg.eval_batches:
         val_batches = val_batches[: cfg.eval_batches]
 
-    loss_fn = checked_loss(model, cfg.fused_loss)
+    module = loss_module(model, cfg.fused_loss)
 
     @torch.no_grad()
     def evaluate(model) -> dict:
@@ -277,7 +277,7 @@ def sft_task(cfg: TrainConfig) -> Task:
         total, count = 0.0, 0
         for batch in val_batches:
             n = int((batch["labels"][:, 1:] != -100).sum())
-            total += loss_fn(model, {k: v.to(device) for k, v in batch.items()}).float().item() * n
+            total += model_loss(model, {k: v.to(device) for k, v in batch.items()}).float().item() * n
             count += n
         loss = total / count
         return {"val_loss": loss, "val_ppl": math.exp(min(loss, 700.0))}
@@ -293,4 +293,4 @@ def sft_task(cfg: TrainConfig) -> Task:
             "truncated_prompts": cut, "val_sequences": sum(len(b["input_ids"]) for b in val_batches),
             **count_parameters(model)}
     return Task(model=model, batches=batches, evaluate=evaluate, tokens=tokens,
-                summary_keys={"val_loss": "final_val_loss", "val_ppl": "final_val_ppl"}, info=info, loss=loss_fn)
+                summary_keys={"val_loss": "final_val_loss", "val_ppl": "final_val_ppl"}, info=info, module=module)

@@ -22,4 +22,6 @@ class Task:
     tokens: Callable[[dict], int]  # tokens in a batch (for tokens/s)
     summary_keys: dict[str, str]  # validation metric -> summary.json key
     info: dict = field(default_factory=dict)  # facts for config/summary (parameter counts, data sizes, labels)
-    loss: Callable[[nn.Module, dict], torch.Tensor] = model_loss  # (model, batch) -> scalar training loss
+    # model -> the module to train and evaluate, whose forward(**batch).loss is the loss: the model itself, or a
+    # wrapper that computes the loss around it (train/loss.py's fused loss); DDP and FSDP2 wrap that module
+    module: Callable[[nn.Module], nn.Module] = lambda model: model
