@@ -121,8 +121,9 @@ def case_checkpoint(base, mesh, rule: str, projector: str, folder: Path) -> dict
     train(first, opt, 3, dp_rank=dp_rank, dp=dp)
     dcp.save({"model": get_model_state_dict(first), "optim": get_optimizer_state_dict(first, opt)},
              checkpoint_id=str(folder))
+    final = [full(p).detach() for p in straight.parameters()]  # a collective: every rank
     if dist.get_rank() == 0:
-        torch.save([full(p).detach() for p in straight.parameters()], folder / "straight.pt")
+        torch.save(final, folder / "straight.pt")
     wide = init_device_mesh("cpu", (4,), mesh_dim_names=("dp",))
     resumed = parallelize(copy.deepcopy(base), wide)
     opt = make_optimizer(rule, resumed, **settings(projector))
@@ -152,6 +153,7 @@ def main(out: str, folder: str) -> None:
     for projector in ("galore", "golore", "online_pca"):
         results[f"tp-layerwise/adamw/{projector}"] = case_equivalence(base, mesh, "adamw", projector,
                                                                      layerwise=True)
+        say("layerwise", projector, results[f"tp-layerwise/adamw/{projector}"])
     for rule, projector in (("adamw", "galore"), ("adamw", "golore"), ("adafactor", "auto")):
         sub = Path(folder) / f"{rule}-{projector}"
         results[f"dcp/{rule}/{projector}"] = case_checkpoint(base, mesh, rule, projector, sub)

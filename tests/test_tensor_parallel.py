@@ -1,0 +1,99 @@
+"""FSDP2 x tensor parallelism on a 2 x 2 mesh, for real: 4 processes (torchrun, gloo, CPU).
+
+One torchrun run (tests/tp_worker.py) trains a tiny LLaMA under torch's ColwiseParallel / RowwiseParallel plan
+composed with ``fully_shard`` on the other mesh dimension, and on one process with the same global batch; these
+tests read its results. Then a DCP checkpoint of the 2 x 2 job resumes at 4 x 1 (in the worker) and at 1 x 1 (here).
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+pytest.importorskip("torch.distributed.tensor.parallel")
+pytest.importorskip("transformers")
+if not torch.distributed.is_available() or not torch.distributed.is_gloo_available():
+    pytest.skip("torch.distributed with gloo is needed", allow_module_level=True)
+
+WORKER = Path(__file__).with_name("tp_worker.py")
+sys.path.insert(0, str(WORKER.parent))
+import tp_worker as worker  # noqa: E402
+
+pytestmark = pytest.mark.distributed
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("tensor-parallel")
+    out = folder / "results.json"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join(sys.path)}
+    proc = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "4", str(WORKER),
+         str(out), str(folder / "checkpoints")],
+        capture_output=True, text=True, env=env, timeout=600,
+    )
+    errors = [line for line in proc.stderr.splitlines() if "Error" in line or "error" in line]
+    assert proc.returncode == 0, "\n".join(errors[-20:]) + proc.stderr[-3000:]
+    return json.loads(out.read_text()), folder / "checkpoints"
+
+
+def test_the_plan_covers_every_layout(run):
+    """q/gate/up: right projection, D split by both mesh dims (_StridedShard); k/v: left, d split by both;
+    o_proj and down_proj (rowwise): both axes split, one by each mesh dimension."""
+    layouts = {name.split(".")[-2]: tuple(rest) for name, *rest in run[0]["layouts"]}
+    assert layouts == {"q_proj": ("right", False, True, 4), "k_proj": ("left", True, False, 4),
+                       "v_proj": ("left", True, False, 4), "o_proj": ("right", True, True, 4),
+                       "gate_proj": ("right", False, True, 4), "up_proj": ("right", False, True, 4),
+                       "down_proj": ("left", True, True, 4)}
+
+
+CASES = ([f"tp/{rule}/{p}" for rule in worker.RULES for p in worker.PROJECTORS]
+         + [f"tp-layerwise/adamw/{p}" for p in ("galore", "golore", "online_pca")])
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_fsdp2_by_tensor_parallel_takes_the_steps_of_one_process(run, case):
+    """fp32, 5 steps with a refresh every 2 (auto switching at 3, hybrid at 2): within the FSDP2 tolerance."""
+    error = run[0][case]
+    assert error < 1e-4, f"{case}: max weight difference {error:.3g}"
+
+
+DCP = ["adamw/galore", "adamw/golore", "adafactor/auto"]
+
+
+@pytest.mark.parametrize("case", DCP)
+def test_a_2x2_checkpoint_resumes_at_4x1(run, case):
+    result = run[0][f"dcp/{case}"]
+    assert result["error_4x1"] < 1e-5, result
+
+
+@pytest.mark.parametrize("case", DCP)
+def test_a_2x2_checkpoint_resumes_at_1x1(run, case):
+    """The sharded (2-D) checkpoint loads into one plain process (DCP reshards weights and optimizer state) and
+    continues the same run as the uninterrupted 2 x 2 job."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import (get_model_state_dict, get_optimizer_state_dict,
+                                                         set_model_state_dict, set_optimizer_state_dict)
+
+    _, folder = run
+    rule, projector = case.split("/")
+    model = copy.deepcopy(worker.tiny_llama())
+    with torch.no_grad():  # a different start, so that only the checkpoint can make them equal
+        for p in model.parameters():
+            p.add_(1.0)
+    opt = worker.make_optimizer(rule, model, **worker.settings(projector))
+    state = {"model": get_model_state_dict(model), "optim": get_optimizer_state_dict(model, opt)}
+    dcp.load(state, checkpoint_id=str(folder / f"{rule}-{projector}"))
+    set_model_state_dict(model, state["model"])
+    set_optimizer_state_dict(model, opt, state["optim"])
+    worker.train(model, opt, worker.STEPS - 3, first=4)
+    straight = torch.load(folder / f"{rule}-{projector}" / "straight.pt", weights_only=True)
+    error = max((p.detach() - q).abs().max().item() for p, q in zip(model.parameters(), straight))
+    assert error < 1e-5
