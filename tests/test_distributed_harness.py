@@ -17,6 +17,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import warnings
 from concurrent.futures import ThreadPoolExecutor
 
 import psutil
@@ -104,6 +105,23 @@ def test_distributed_without_torchrun_and_an_uneven_batch_get_clear_errors(capsy
     assert "must divide among the 2 processes" in capsys.readouterr().err
 
 
+def test_what_would_stop_a_torchrun_restart_is_said_at_the_start(monkeypatch):
+    from subspace_optim.train.parallel import check_restarts
+
+    for key, value in {"TORCHELASTIC_MAX_RESTARTS": "1", "RANK": "0", "TORCHELASTIC_USE_AGENT_STORE": "True"}.items():
+        monkeypatch.setenv(key, value)
+    with pytest.warns(UserWarning) as caught:
+        check_restarts(None)
+    assert ["add --resume auto" in str(w.message) for w in caught] == [True, False]
+    assert "TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1" in str(caught[1].message)
+    monkeypatch.setenv("TORCHELASTIC_USE_AGENT_STORE", "False")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        check_restarts("auto")  # the command the docs show: nothing to say
+        monkeypatch.setenv("RANK", "1")
+        check_restarts(None)  # rank 0 says it once
+
+
 @pytest.mark.parametrize("flags, message", [
     (["--distributed", "ddp", "--fused-loss"], "single-process only"),
     (["--distributed", "fsdp2", "--optimizer", "rso"], "use --distributed ddp"),
@@ -120,21 +138,34 @@ def test_combinations_not_distributed_yet_are_refused_clearly(flags, message, ca
 
 # ---------------------------------------------------------------- restarts: torchrun --max-restarts 1, a rank killed
 
-KILL_AFTER, FINAL = "step_00000003", "step_00000006"  # ARGS save at steps 3 and 6
+KILL_AFTER, KILL_AT, FINAL = "step_00000003", 4, "step_00000006"  # ARGS save at steps 3 and 6
+#: torch 2.13's torchrun shares its rendezvous TCPStore with the workers and keeps a killed attempt's keys in it, so
+#: a restarted process group can read a dead rank's address (pytorch/pytorch#135712): its opt-out gives every attempt
+#: a store of its own.
+RESTARTABLE = {**ENV, "TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1"}
+
+
+def _logged(out, step: int) -> bool:
+    """Whether metrics.csv has a row for ``step`` (written before that step's checkpoint, after the last one's)."""
+    try:
+        return any(row["step"] == str(step) for row in read_metrics(out / "metrics.csv"))
+    except FileNotFoundError:
+        return False
 
 
 def _kill_rank_1_mid_run(out, mode: str) -> list[dict]:
-    """Run ARGS under `torchrun --max-restarts 1 ... --resume auto`; once the step-3 checkpoint is in place, freeze
-    the workers, leave what a write killed at step 6 leaves, SIGKILL rank 1 and let torchrun restart the job.
-    Returns the metrics rows at the kill."""
+    """Run ARGS under `torchrun --max-restarts 1 ... --resume auto`; once step 4 is logged (the step-3 checkpoint
+    in place), freeze the workers, leave what a write killed at step 6 leaves, SIGKILL rank 1 and let torchrun
+    restart the job. Returns the metrics rows at the kill."""
     command = [*TORCHRUN, "--max-restarts", "1", "-m", "subspace_optim", "train",
                *ARGS, "--distributed", mode, "--out", str(out), "--resume", "auto"]
     with open(out.parent / f"{out.name}.log", "w") as log:
-        job = subprocess.Popen(command, env=ENV, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        job = subprocess.Popen(command, env=RESTARTABLE, stdout=log, stderr=subprocess.STDOUT,
+                               start_new_session=True)
     try:
         ckpts, deadline = out / "checkpoints", time.monotonic() + 240
-        while not (ckpts / KILL_AFTER).is_dir():
-            assert job.poll() is None and time.monotonic() < deadline, f"no {KILL_AFTER}: see {log.name}"
+        while not _logged(out, KILL_AT):  # the step-3 save (cleanup of older folders included) is over
+            assert job.poll() is None and time.monotonic() < deadline, f"no step {KILL_AT}: see {log.name}"
             time.sleep(0.005)
         workers = {int(env["RANK"]): p for p in psutil.Process(job.pid).children() if "RANK" in (env := p.environ())}
         for worker in workers.values():

@@ -99,6 +99,7 @@ def _resumed(cfg: TrainConfig, given: set[str], run_dir: Path) -> tuple[TrainCon
 
 def run(cfg: TrainConfig, given: set[str] = frozenset()) -> dict:
     """Train as ``cfg`` says (``given``: the fields the user set) and return the summary."""
+    parallel.check_restarts(cfg.resume)
     cfg, run_dir, resume_from = prepare(cfg, set(given))
     method = check_method(cfg)
     par = parallel.start(cfg.distributed, cfg.device, cfg.batch_size)
