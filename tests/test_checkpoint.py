@@ -105,10 +105,12 @@ def test_regenerated_random_bases_resume_to_the_same_weights(tmp, three_steps):
     assert resumed.keys() == three_steps.keys() and all(torch.equal(resumed[k], three_steps[k]) for k in resumed)
 
 
-def test_resume_auto_starts_the_run_in_out_and_the_same_command_continues_it(tmp, run_dir, three_steps, tmp_path):
+def test_resume_auto_starts_the_run_in_out_and_the_same_command_continues_it(tmp, run_dir, three_steps, tmp_path,
+                                                                             capsys):
     """--resume auto, what a restarted job repeats: a new run in --out while it has no checkpoint (also over a
     start killed before its first save, whose leftovers go), then the same command resumes it from its newest
-    complete checkpoint (step 1: the write of step 2 was killed before its rename)."""
+    complete checkpoint (step 1: the write of step 2 was killed before its rename), and once the run is complete
+    has nothing to do."""
     out, ckpts = tmp_path / "auto", tmp_path / "auto" / "checkpoints"
     (ckpts / ".tmp-killed").mkdir(parents=True)  # the first write of a killed start
     shutil.copy(run_dir / "config.json", out / "config.json")
@@ -121,6 +123,11 @@ def test_resume_auto_starts_the_run_in_out_and_the_same_command_continues_it(tmp
     assert sorted(p.name for p in ckpts.iterdir()) == [STEP2, "step_00000003"]  # and the leftover removed
     resumed = load_file(out / "checkpoints" / "step_00000003" / "model.safetensors")
     assert resumed.keys() == three_steps.keys() and all(torch.equal(resumed[k], three_steps[k]) for k in resumed)
+    capsys.readouterr()
+    metrics = (out / "metrics.csv").read_text()
+    _train(tmp, out, 3, "--resume", "auto")
+    assert "complete at step 3, nothing to train" in capsys.readouterr().out
+    assert (out / "metrics.csv").read_text() == metrics
 
 
 def test_resume_auto_needs_out_and_never_starts_over_unreadable_checkpoints(run_dir, tmp_path, capsys, monkeypatch):

@@ -47,6 +47,11 @@ def _checkpoints(run_dir: Path) -> list[Path]:
     return sorted((run_dir / "checkpoints").glob("step_*"))
 
 
+def step_of(folder: Path) -> int:
+    """The step a checkpoint folder ``step_NNNNNNNN`` holds."""
+    return int(folder.name.removeprefix("step_"))
+
+
 def saved(run_dir: Path) -> bool:
     """Whether the run has written a checkpoint (readable or not)."""
     return bool(_checkpoints(run_dir))

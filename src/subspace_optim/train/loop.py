@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import random
@@ -55,7 +56,7 @@ def prepare(cfg: TrainConfig, given: set[str]) -> tuple[TrainConfig, Path, Path 
         cfg.resume = cfg.out if checkpoint.saved(Path(cfg.out)) else None
         given = given - {"out"}  # the folder is the run's wherever it was started (a copy, a moved folder)
     if cfg.resume:
-        return _resumed(cfg, given, Path(cfg.resume))
+        return _resumed(cfg, given, Path(cfg.resume), complete_ok=auto)
     cfg = resolve(cfg)
     name = Path(cfg.model).stem if cfg.model.endswith(".json") or "/" in cfg.model else cfg.model
     out = Path(cfg.out or f"runs/{COMMANDS[cfg.task]}-{name}-{cfg.optimizer}-{datetime.now():%Y%m%d-%H%M%S}")
@@ -68,9 +69,9 @@ def prepare(cfg: TrainConfig, given: set[str]) -> tuple[TrainConfig, Path, Path 
     return cfg, out, None
 
 
-def _resumed(cfg: TrainConfig, given: set[str], run_dir: Path) -> tuple[TrainConfig, Path, Path]:
+def _resumed(cfg: TrainConfig, given: set[str], run_dir: Path, complete_ok: bool) -> tuple[TrainConfig, Path, Path]:
     """``prepare`` for --resume RUN_DIR: the run's config with the changes a resumed run may make, and its newest
-    readable checkpoint."""
+    readable checkpoint (at --steps, a complete run, only where ``complete_ok``)."""
     if not (run_dir / "config.json").is_file():
         raise UsageError(f"--resume {run_dir}: not a run folder (no config.json)")
     saved = load_config(run_dir / "config.json")
@@ -90,8 +91,8 @@ def _resumed(cfg: TrainConfig, given: set[str], run_dir: Path) -> tuple[TrainCon
     found = checkpoint.latest_readable(run_dir)  # warns about newer, damaged ones
     if found is None:
         raise UsageError(f"--resume {run_dir}: the run has no checkpoint yet")
-    done = int(found.name.removeprefix("step_"))
-    if cfg.steps <= done:
+    done = checkpoint.step_of(found)
+    if cfg.steps < done or (cfg.steps == done and not complete_ok):
         raise UsageError(f"--resume {run_dir}: the checkpoint is at step {done}; pass --steps above it to "
                          "extend the run")
     return cfg, run_dir, found
@@ -101,12 +102,24 @@ def run(cfg: TrainConfig, given: set[str] = frozenset()) -> dict:
     """Train as ``cfg`` says (``given``: the fields the user set) and return the summary."""
     parallel.check_restarts(cfg.resume)
     cfg, run_dir, resume_from = prepare(cfg, set(given))
+    if resume_from is not None and checkpoint.step_of(resume_from) == cfg.steps:
+        return _complete(run_dir, cfg.steps)
     method = check_method(cfg)
     par = parallel.start(cfg.distributed, cfg.device, cfg.batch_size)
     try:
         return _train(cfg, method, run_dir, resume_from, par)
     finally:
         par.close()
+
+
+def _complete(run_dir: Path, steps: int) -> dict:
+    """--resume auto on a run that has its last checkpoint (a restart after it, a requeued job that had finished):
+    nothing to train, as Lightning's fit and torchtitan's trainer do at their last step; the run's summary."""
+    summary = run_dir / "summary.json"
+    if os.environ.get("RANK", "0") == "0":
+        print(f"{run_dir}: complete at step {steps}, nothing to train (pass a larger --steps to extend it)"
+              + ("" if summary.is_file() else "; it was stopped before writing summary.json"))
+    return json.loads(summary.read_text()) if summary.is_file() else {}
 
 
 def _train(cfg: TrainConfig, method, run_dir: Path, resume_from: Path | None, par: parallel.Parallel) -> dict:
