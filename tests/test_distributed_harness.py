@@ -191,7 +191,8 @@ def _kill_rank_1_mid_run(out, mode: str) -> list[dict]:
 
 @pytest.fixture(scope="module")
 def restarted(runs):
-    """The DDP and FSDP2 jobs, each killed once and restarted (side by side: they spend most time starting)."""
+    """The DDP and FSDP2 jobs, each killed once and restarted, side by side (they spend most time starting): about
+    30 s together on 2 idle cores."""
     with ThreadPoolExecutor(2) as pool:
         rows = dict(zip(("ddp", "fsdp2"), pool.map(lambda mode: _kill_rank_1_mid_run(runs / f"{mode}-restarted",
                                                                                      mode), ("ddp", "fsdp2"))))
