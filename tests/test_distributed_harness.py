@@ -9,6 +9,7 @@ interrupted write left, and the job ends as the uninterrupted DDP and FSDP2 runs
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -160,8 +161,7 @@ def _kill_rank_1_mid_run(out, mode: str) -> list[dict]:
     command = [*TORCHRUN, "--max-restarts", "1", "-m", "subspace_optim", "train",
                *ARGS, "--distributed", mode, "--out", str(out), "--resume", "auto"]
     with open(out.parent / f"{out.name}.log", "w") as log:
-        job = subprocess.Popen(command, env=RESTARTABLE, stdout=log, stderr=subprocess.STDOUT,
-                               start_new_session=True)
+        job = subprocess.Popen(command, env=RESTARTABLE, stdout=log, stderr=subprocess.STDOUT)
     try:
         ckpts, deadline = out / "checkpoints", time.monotonic() + 240
         while not _logged(out, KILL_AT):  # the step-3 save (cleanup of older folders included) is over
@@ -184,8 +184,11 @@ def _kill_rank_1_mid_run(out, mode: str) -> list[dict]:
         workers[0].send_signal(signal.SIGCONT)
         assert job.wait(timeout=240) == 0, open(log.name).read()[-4000:]
     finally:
-        if job.poll() is None:
-            os.killpg(job.pid, signal.SIGKILL)
+        if job.poll() is None:  # a check failed: end the job, and its workers (torchrun gives each its own session)
+            for process in [*psutil.Process(job.pid).children(recursive=True), psutil.Process(job.pid)]:
+                with contextlib.suppress(psutil.NoSuchProcess):
+                    process.kill()
+            job.wait()
     return rows
 
 
