@@ -105,6 +105,42 @@ def test_regenerated_random_bases_resume_to_the_same_weights(tmp, three_steps):
     assert resumed.keys() == three_steps.keys() and all(torch.equal(resumed[k], three_steps[k]) for k in resumed)
 
 
+def test_resume_auto_starts_the_run_in_out_and_the_same_command_continues_it(tmp, run_dir, three_steps, tmp_path,
+                                                                             capsys):
+    """--resume auto, what a restarted job repeats: a new run in --out while it has no checkpoint (also over a
+    start killed before its first save, whose leftovers go), then the same command resumes it from its newest
+    complete checkpoint (step 1: the write of step 2 was killed before its rename), and once the run is complete
+    has nothing to do."""
+    out, ckpts = tmp_path / "auto", tmp_path / "auto" / "checkpoints"
+    (ckpts / ".tmp-killed").mkdir(parents=True)  # the first write of a killed start
+    shutil.copy(run_dir / "config.json", out / "config.json")
+    _train(tmp, out, 2, "--resume", "auto")
+    assert sorted(p.name for p in ckpts.iterdir()) == [STEP1, STEP2]
+    (ckpts / STEP2).rename(ckpts / ".tmp-killed")
+    step1 = "".join((out / "metrics.csv").read_text().splitlines(keepends=True)[:2])  # the header and step 1
+    _train(tmp, out, 3, "--resume", "auto")
+    assert (out / "metrics.csv").read_text().startswith(step1)  # kept: resumed, not started over
+    assert sorted(p.name for p in ckpts.iterdir()) == [STEP2, "step_00000003"]  # and the leftover removed
+    resumed = load_file(out / "checkpoints" / "step_00000003" / "model.safetensors")
+    assert resumed.keys() == three_steps.keys() and all(torch.equal(resumed[k], three_steps[k]) for k in resumed)
+    capsys.readouterr()
+    metrics = (out / "metrics.csv").read_text()
+    _train(tmp, out, 3, "--resume", "auto")
+    assert "complete at step 3, nothing to train" in capsys.readouterr().out
+    assert (out / "metrics.csv").read_text() == metrics
+
+
+def test_resume_auto_needs_out_and_never_starts_over_unreadable_checkpoints(run_dir, tmp_path, capsys, monkeypatch):
+    assert main(["train", "--resume", "auto", "--steps", "1", "--quiet"]) == 2
+    assert "add --out DIR" in capsys.readouterr().err
+    copy = copy_run(run_dir, tmp_path, truncate_state, steps=(STEP1, STEP2))
+    assert main(["train", "--resume", "auto", "--out", str(copy), "--steps", "3", "--quiet"]) == 2
+    assert "no readable checkpoint" in capsys.readouterr().err
+    monkeypatch.setenv("TORCHELASTIC_RESTART_COUNT", "1")  # torchrun's first restart, without --resume auto
+    assert main(["train", "--out", str(copy), "--steps", "3", "--quiet"]) == 2
+    assert "already holds a run" in (err := capsys.readouterr().err) and "add --resume auto" in err
+
+
 def resume_error(copy, capsys):
     assert main(["train", "--resume", str(copy), "--steps", "3", "--quiet"]) == 2
     err = capsys.readouterr().err

@@ -4,19 +4,32 @@ The same flags, the same global batch: the final validation loss must be within 
 (it agrees to about 1e-7 here). FSDP2's sharded checkpoint resumes at 2 processes and at 1, like the
 single-process run's own resume; one run folder is written, by rank 0. The fused loss runs under DDP (with the
 gradients reduced in the subspace) and under FSDP2 (with RSO, whose checkpoint also resumes at 1 process).
+Under `torchrun --max-restarts 1` with `--resume auto`, a rank SIGKILLed mid-run restarts the job from its last
+complete checkpoint, past the folder an interrupted write left, and the job ends as the uninterrupted DDP and FSDP2
+runs do.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
+import tempfile
+import time
+import warnings
+from concurrent.futures import ThreadPoolExecutor
 
+import psutil
 import pytest
+import torch
+from safetensors.torch import load_file
 
 from subspace_optim.cli import main
+from subspace_optim.train.runlog import read_metrics
 
 ARGS = ["--model", "llama-tiny", "--batch-size", "4", "--seq-len", "32", "--update-gap", "2", "--eval-every", "3",
         "--eval-batches", "2", "--warmup", "1", "--optimizer", "golore", "--lr", "1e-2", "--quiet",
@@ -27,13 +40,13 @@ RSO = ["--optimizer", "rso", "--moments", "project", "--fused-loss"]
 # llama-tiny with lm_head tied to the embedding (32000 x 128 parameters fewer)
 TIED = {"model_type": "llama", "vocab_size": 32000, "hidden_size": 128, "intermediate_size": 352,
         "num_hidden_layers": 6, "num_attention_heads": 4, "rms_norm_eps": 1e-6, "tie_word_embeddings": True}
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join(sys.path)}
+TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
 
 
 def torchrun(*args: str) -> None:
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join(sys.path)}
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                           "-m", "subspace_optim", "train", *args], capture_output=True, text=True, env=env,
-                          timeout=300)
+    proc = subprocess.run([*TORCHRUN, "-m", "subspace_optim", "train", *args], capture_output=True, text=True,
+                          env=ENV, timeout=300)
     assert proc.returncode == 0, proc.stderr[-4000:]
 
 
@@ -141,6 +154,23 @@ def test_distributed_without_torchrun_and_an_uneven_batch_get_clear_errors(capsy
     assert "must divide among the 2 processes" in capsys.readouterr().err
 
 
+def test_what_would_stop_a_torchrun_restart_is_said_at_the_start(monkeypatch):
+    from subspace_optim.train.parallel import check_restarts
+
+    for key, value in {"TORCHELASTIC_MAX_RESTARTS": "1", "RANK": "0", "TORCHELASTIC_USE_AGENT_STORE": "True"}.items():
+        monkeypatch.setenv(key, value)
+    with pytest.warns(UserWarning) as caught:
+        check_restarts(None)
+    assert ["add --resume auto" in str(w.message) for w in caught] == [True, False]
+    assert "TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1" in str(caught[1].message)
+    monkeypatch.setenv("TORCHELASTIC_USE_AGENT_STORE", "False")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        check_restarts("auto")  # the command the docs show: nothing to say
+        monkeypatch.setenv("RANK", "1")
+        check_restarts(None)  # rank 0 says it once
+
+
 @pytest.mark.parametrize("flags, message", [
     (["--distributed", "fsdp2", "--optimizer", "galore-torch"], "the SVD of each gradient as a plain tensor"),
     (["--distributed", "fsdp2", "--optimizer", "lora"], "use --distributed ddp"),
@@ -153,3 +183,117 @@ def test_distributed_without_torchrun_and_an_uneven_batch_get_clear_errors(capsy
 def test_combinations_not_distributed_yet_are_refused_clearly(flags, message, capsys):
     assert main(["train", "--steps", "1", "--quiet", *flags]) == 2
     assert message in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------- restarts: torchrun --max-restarts 1, a rank killed
+
+KILL_AFTER, KILL_AT, FINAL = "step_00000003", 4, "step_00000006"  # ARGS save at steps 3 and 6
+#: torch 2.13's torchrun shares its rendezvous TCPStore with the workers and keeps a killed attempt's keys in it, so
+#: a restarted process group can read a dead rank's address (pytorch/pytorch#135712): its opt-out gives every attempt
+#: a store of its own.
+RESTARTABLE = {**ENV, "TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1"}
+
+
+def _logged(out, step: int) -> bool:
+    """Whether metrics.csv has a row for ``step`` (written before that step's checkpoint, after the last one's)."""
+    try:
+        return any(row["step"] == str(step) for row in read_metrics(out / "metrics.csv"))
+    except FileNotFoundError:
+        return False
+
+
+def _kill_rank_1_mid_run(out, mode: str) -> list[dict]:
+    """Run ARGS under `torchrun --max-restarts 1 ... --resume auto`; once step 4 is logged (the step-3 checkpoint
+    in place), freeze the workers, leave what a write killed at step 6 leaves, SIGKILL rank 1 and let torchrun
+    restart the job. Returns the metrics rows at the kill."""
+    command = [*TORCHRUN, "--max-restarts", "1", "-m", "subspace_optim", "train",
+               *ARGS, "--distributed", mode, "--out", str(out), "--resume", "auto"]
+    with open(out.parent / f"{out.name}.log", "w") as log:
+        job = subprocess.Popen(command, env=RESTARTABLE, stdout=log, stderr=subprocess.STDOUT)
+    try:
+        ckpts, deadline = out / "checkpoints", time.monotonic() + 240
+        while not _logged(out, KILL_AT):  # the step-3 save (cleanup of older folders included) is over
+            assert job.poll() is None and time.monotonic() < deadline, f"no step {KILL_AT}: see {log.name}"
+            time.sleep(0.005)
+        workers = {int(env["RANK"]): p for p in psutil.Process(job.pid).children() if "RANK" in (env := p.environ())}
+        for worker in workers.values():
+            worker.send_signal(signal.SIGSTOP)
+        assert not (ckpts / FINAL).exists(), "the run ended before the kill"
+        rows = read_metrics(out / "metrics.csv")
+        if mode == "fsdp2":  # every shard and DCP's metadata written, the commit (state.pt, rename) killed
+            partial = ckpts / f".tmp-{FINAL}"
+            if not partial.exists():  # (else the freeze caught the write itself)
+                shutil.copytree(ckpts / KILL_AFTER / "dcp", partial / "dcp")
+        else:  # rank 0 killed halfway through model.safetensors
+            weights = (ckpts / KILL_AFTER / "model.safetensors").read_bytes()
+            (ckpts / ".tmp-killed").mkdir()
+            (ckpts / ".tmp-killed" / "model.safetensors").write_bytes(weights[: len(weights) // 2])
+        workers[1].send_signal(signal.SIGKILL)
+        workers[0].send_signal(signal.SIGCONT)
+        assert job.wait(timeout=240) == 0, open(log.name).read()[-4000:]
+    finally:
+        if job.poll() is None:  # a check failed: end the job, and its workers (torchrun gives each its own session)
+            for process in [*psutil.Process(job.pid).children(recursive=True), psutil.Process(job.pid)]:
+                with contextlib.suppress(psutil.NoSuchProcess):
+                    process.kill()
+            job.wait()
+    return rows
+
+
+@pytest.fixture(scope="module")
+def restarted(runs):
+    """The DDP and FSDP2 jobs, each killed once and restarted, side by side (they spend most time starting): about
+    30 s together on 2 idle cores."""
+    with ThreadPoolExecutor(2) as pool:
+        rows = dict(zip(("ddp", "fsdp2"), pool.map(lambda mode: _kill_rank_1_mid_run(runs / f"{mode}-restarted",
+                                                                                     mode), ("ddp", "fsdp2"))))
+    return runs, rows
+
+
+def _states(folder, mode: str) -> dict:
+    """A final checkpoint's weights, optimizer state, data position, scheduler and RNG, as nested tensors."""
+    state = torch.load(folder / "state.pt", weights_only=True)
+    if mode == "fsdp2":  # DCP's shards, gathered into one file
+        from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
+        with tempfile.TemporaryDirectory() as tmp:
+            dcp_to_torch_save(folder / "dcp", f"{tmp}/gathered.pt")
+            state.update(torch.load(f"{tmp}/gathered.pt", weights_only=True))
+    else:
+        state["model"] = load_file(folder / "model.safetensors")
+    del state["scheduler"]["_step_count"]  # counts the calls of this process (a resume adds one), not the steps
+    return {k: state[k] for k in ("step", "model", "optimizer", "data", "scheduler", "rng")}
+
+
+def _differences(a, b, where="") -> list[tuple[str, float]]:
+    """(path, max |a - b|) of every number in two nested states, inf where their structure differs."""
+    if isinstance(a, dict) and isinstance(b, dict) and a.keys() == b.keys():
+        return [d for k in a for d in _differences(a[k], b[k], f"{where}/{k}")]
+    if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)) and len(a) == len(b):
+        return [d for i, (x, y) in enumerate(zip(a, b)) for d in _differences(x, y, f"{where}/{i}")]
+    if isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor) and a.shape == b.shape and a.dtype == b.dtype:
+        return [(where, 0.0 if torch.equal(a, b) else (a.double() - b.double()).abs().max().item())]
+    return [(where, 0.0 if a == b else float("inf"))]
+
+
+@pytest.mark.distributed
+@pytest.mark.slow
+@pytest.mark.parametrize("mode, tolerance", [("ddp", 0.0), ("fsdp2", 1e-6)])
+def test_a_killed_rank_restarts_from_the_last_complete_checkpoint_and_ends_like_the_uninterrupted_run(
+        restarted, mode, tolerance):
+    runs, at_kill = restarted
+    whole, out = runs / mode, runs / f"{mode}-restarted"
+    # resumed from step 3: the rows up to it are the first attempt's (its own tokens/s), the later ones rewritten
+    rows = read_metrics(out / "metrics.csv")
+    assert rows[:3] == at_kill[mode][:3] and [r["step"] for r in rows] == [str(s) for s in range(1, 7)]
+    # the interrupted write was never read, and the step-6 save removed it
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == [KILL_AFTER, FINAL]
+    # the same losses, weights, optimizer state, data position and RNG as the job never killed
+    expected = read_metrics(whole / "metrics.csv")
+    for row, reference in zip(rows, expected):
+        for key in ("loss", "val_loss"):
+            assert abs(float(row[key] or 0) - float(reference[key] or 0)) <= tolerance, (row["step"], key)
+    assert abs(val_loss(out) - val_loss(whole)) <= tolerance
+    differences = _differences(_states(out / "checkpoints" / FINAL, mode),
+                               _states(whole / "checkpoints" / FINAL, mode))
+    assert max(differences, key=lambda d: d[1])[1] <= tolerance, max(differences, key=lambda d: d[1])

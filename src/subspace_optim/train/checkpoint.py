@@ -9,6 +9,10 @@ checkpoint damaged later (truncated, garbled) is recognised on --resume, which f
 Under torchrun a DDP run (model and optimizer replicated) is checkpointed by rank 0 alone, in this format; an
 FSDP2 run writes the weights and optimizer state of every shard with torch.distributed.checkpoint into ``dcp/``
 instead of model.safetensors (and state.pt holds the rest): that resumes at any number of processes, or at one.
+Every rank writes its shards into the same temporary folder; DCP's save returns only after rank 0 has gathered
+every rank's write results and written ``dcp/.metadata``, so rank 0 then commits the folder as above. The name
+``step_N`` is the completion marker: only whole checkpoints carry it (a checkpoint being replaced or deleted is
+first renamed away), the temporary folders a killed write leaves are never read, and the next save removes them.
 """
 
 from __future__ import annotations
@@ -41,6 +45,16 @@ class Unreadable(Exception):
 def _checkpoints(run_dir: Path) -> list[Path]:
     """The run's checkpoint folders, oldest first (zero-padded step numbers sort as text)."""
     return sorted((run_dir / "checkpoints").glob("step_*"))
+
+
+def step_of(folder: Path) -> int:
+    """The step a checkpoint folder ``step_NNNNNNNN`` holds."""
+    return int(folder.name.removeprefix("step_"))
+
+
+def saved(run_dir: Path) -> bool:
+    """Whether the run has written a checkpoint (readable or not)."""
+    return bool(_checkpoints(run_dir))
 
 
 def _sha256(path: Path) -> str:
@@ -115,6 +129,25 @@ def verify(folder: Path) -> None:
 def _fsync(path: Path) -> None:
     with path.open("rb") as f:
         os.fsync(f.fileno())
+
+
+def _fsync_folder(path: Path) -> None:
+    """Make a rename in ``path`` durable (a power loss, not only a killed process, then keeps it)."""
+    if os.name == "posix":
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def _discard(path: Path) -> None:
+    """Remove a checkpoint folder in a way that a kill cannot leave half of it under its ``step_N`` name: one
+    rename out of the way (into a temporary folder, which the next save removes if this one is killed), then the
+    deletion."""
+    trash = Path(tempfile.mkdtemp(prefix=".tmp-", dir=path.parent))
+    os.replace(path, trash / path.name)
+    shutil.rmtree(trash, ignore_errors=True)
 
 
 def latest_readable(run_dir: Path) -> Path | None:
@@ -193,14 +226,19 @@ def _commit(tmp: Path, final: Path, folder: Path, state: dict, step: int, keep: 
         raise UsageError(f"the checkpoint of step {step} failed verification after writing, so the older "
                          f"checkpoints were kept (is the disk full?): {err}") from None
     (tmp / SUMS).write_text(json.dumps({name: _sha256(tmp / name) for name in _files(tmp)}, indent=1) + "\n")
-    if final.exists():
-        shutil.rmtree(final)
+    if final.exists():  # a damaged checkpoint of this step that the resume skipped
+        _discard(final)
     os.replace(tmp, final)
+    _fsync_folder(folder)
     # Older checkpoints beyond `keep`, and any of later steps (left by the run this one resumed), go; so do
     # temporary folders of interrupted writes.
     kept = [p for p in _checkpoints(run_dir) if p <= final][-keep:]
-    for old in folder.iterdir():
-        if old not in kept:
+    for old in list(folder.iterdir()):  # listed first: a discard adds and removes a folder in it
+        if old in kept:
+            continue
+        if old.name.startswith("step_"):
+            _discard(old)
+        else:
             shutil.rmtree(old, ignore_errors=True)
 
 

@@ -25,6 +25,8 @@ def _f(default, help, **meta):
 
 
 TASKS = ("lm", "classify", "sft")
+#: --resume's value that continues the run in --out when it has a checkpoint (a restarted job's same command line)
+AUTO = "auto"
 #: --dtype spellings: torch's names and their short forms, the same for `train`, `finetune` and `memory`.
 DTYPE_NAMES = {"float32": "float32", "fp32": "float32", "bfloat16": "bfloat16", "bf16": "bfloat16",
                "float16": "float16", "fp16": "float16"}
@@ -151,7 +153,9 @@ class TrainConfig:
     keep_checkpoints: int = _f(2, "keep the last N checkpoints (each verified after writing); --resume falls back "
                                "to the newest readable one")
     out: str | None = _f(None, "run folder (default runs/<command>-<model>-<optimizer>-<time>)", type=str)
-    resume: str | None = _f(None, "continue the run in this folder from its checkpoint", type=str)
+    resume: str | None = _f(None, "continue the run in this folder from its newest readable checkpoint; 'auto': "
+                            "the run in --out if it has a checkpoint, else start it there (for torchrun "
+                            "--max-restarts and requeued jobs, which repeat the same command)", type=str)
     quiet: bool = _f(False, "no progress bar or evaluation lines, only the final report")
 
     # Flags that a resumed run may change; anything else must match the run's config.json.

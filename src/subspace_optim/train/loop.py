@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import math
+import os
 import random
 import sys
 import time
@@ -17,7 +19,7 @@ from ..memory_measured import (PhasePeaks, SavedActivations, format_report, grad
                                optimizer_state_bytes, return_freed_memory, weight_bytes)
 from ..optimizer import SubspaceOptimizer
 from . import checkpoint, parallel
-from .config import TrainConfig, UsageError, load_config, resolve, save_config
+from .config import AUTO, TrainConfig, UsageError, load_config, resolve, save_config
 from .finetune import classify_task
 from .models import enable_checkpointing, to_device
 from .optimizers import check_method, rank_for
@@ -43,51 +45,82 @@ def cosine_with_warmup(warmup: int, total: int, min_ratio: float):
 
 
 def prepare(cfg: TrainConfig, given: set[str]) -> tuple[TrainConfig, Path, Path | None]:
-    """(resolved config, run folder, checkpoint to resume from or None); checks the folder before any work."""
+    """(resolved config, run folder, checkpoint to resume from or None); checks the folder before any work.
+
+    ``--resume auto`` (the command a job restarter repeats, e.g. ``torchrun --max-restarts``): the run in --out
+    from its newest readable checkpoint when it has one, else a new run there (over a start that saved none)."""
+    auto = cfg.resume == AUTO
+    if auto:
+        if cfg.out is None:
+            raise UsageError("--resume auto continues the run in --out, which every restart must name alike: "
+                             "add --out DIR")
+        cfg.resume = cfg.out if checkpoint.saved(Path(cfg.out)) else None
+        given = given - {"out"}  # the folder is the run's wherever it was started (a copy, a moved folder)
     if cfg.resume:
-        run_dir = Path(cfg.resume)
-        if not (run_dir / "config.json").is_file():
-            raise UsageError(f"--resume {run_dir}: not a run folder (no config.json)")
-        saved = load_config(run_dir / "config.json")
-        if COMMANDS[saved.task] != COMMANDS[cfg.task]:
-            raise UsageError(f"--resume {run_dir}: that run was started with `{COMMANDS[saved.task]}`")
-        if "task" not in given:  # finetune --resume continues the run's own --task
-            cfg.task = saved.task
-        for name in sorted(given - set(TrainConfig.RESUMABLE)):
-            if getattr(cfg, name) != getattr(saved, name):
-                raise UsageError(f"--{name.replace('_', '-')} {getattr(cfg, name)} differs from the run's "
-                                 f"{getattr(saved, name)!r}; a resumed run keeps its config (it may change "
-                                 f"{', '.join('--' + n.replace('_', '-') for n in TrainConfig.RESUMABLE)})")
-        for name in given & set(TrainConfig.RESUMABLE):
-            setattr(saved, name, getattr(cfg, name))
-        saved.resume = str(run_dir)
-        cfg = resolve(saved)
-        found = checkpoint.latest_readable(run_dir)  # warns about newer, damaged ones
-        if found is None:
-            raise UsageError(f"--resume {run_dir}: the run has no checkpoint yet")
-        done = int(found.name.removeprefix("step_"))
-        if cfg.steps <= done:
-            raise UsageError(f"--resume {run_dir}: the checkpoint is at step {done}; pass --steps above it to "
-                             "extend the run")
-        return cfg, run_dir, found
+        return _resumed(cfg, given, Path(cfg.resume), complete_ok=auto)
     cfg = resolve(cfg)
     name = Path(cfg.model).stem if cfg.model.endswith(".json") or "/" in cfg.model else cfg.model
     out = Path(cfg.out or f"runs/{COMMANDS[cfg.task]}-{name}-{cfg.optimizer}-{datetime.now():%Y%m%d-%H%M%S}")
-    if (out / "config.json").exists() or (out / "checkpoints").exists():
-        raise UsageError(f"--out {out} already holds a run; continue it with --resume {out} or pick another --out")
+    if not auto and ((out / "config.json").exists() or (out / "checkpoints").exists()):
+        restart = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", 0))
+        hint = f" (torchrun's restart {restart} repeats the command: add --resume auto)" if restart else ""
+        raise UsageError(f"--out {out} already holds a run; continue it with --resume {out} or pick another "
+                         f"--out{hint}")
     cfg.out = str(out)
     return cfg, out, None
 
 
+def _resumed(cfg: TrainConfig, given: set[str], run_dir: Path, complete_ok: bool) -> tuple[TrainConfig, Path, Path]:
+    """``prepare`` for --resume RUN_DIR: the run's config with the changes a resumed run may make, and its newest
+    readable checkpoint (at --steps, a complete run, only where ``complete_ok``)."""
+    if not (run_dir / "config.json").is_file():
+        raise UsageError(f"--resume {run_dir}: not a run folder (no config.json)")
+    saved = load_config(run_dir / "config.json")
+    if COMMANDS[saved.task] != COMMANDS[cfg.task]:
+        raise UsageError(f"--resume {run_dir}: that run was started with `{COMMANDS[saved.task]}`")
+    if "task" not in given:  # finetune --resume continues the run's own --task
+        cfg.task = saved.task
+    for name in sorted(given - set(TrainConfig.RESUMABLE)):
+        if getattr(cfg, name) != getattr(saved, name):
+            raise UsageError(f"--{name.replace('_', '-')} {getattr(cfg, name)} differs from the run's "
+                             f"{getattr(saved, name)!r}; a resumed run keeps its config (it may change "
+                             f"{', '.join('--' + n.replace('_', '-') for n in TrainConfig.RESUMABLE)})")
+    for name in given & set(TrainConfig.RESUMABLE):
+        setattr(saved, name, getattr(cfg, name))
+    saved.resume = str(run_dir)
+    cfg = resolve(saved)
+    found = checkpoint.latest_readable(run_dir)  # warns about newer, damaged ones
+    if found is None:
+        raise UsageError(f"--resume {run_dir}: the run has no checkpoint yet")
+    done = checkpoint.step_of(found)
+    if cfg.steps < done or (cfg.steps == done and not complete_ok):
+        raise UsageError(f"--resume {run_dir}: the checkpoint is at step {done}; pass --steps above it to "
+                         "extend the run")
+    return cfg, run_dir, found
+
+
 def run(cfg: TrainConfig, given: set[str] = frozenset()) -> dict:
     """Train as ``cfg`` says (``given``: the fields the user set) and return the summary."""
+    parallel.check_restarts(cfg.resume)
     cfg, run_dir, resume_from = prepare(cfg, set(given))
+    if resume_from is not None and checkpoint.step_of(resume_from) == cfg.steps:
+        return _complete(run_dir, cfg.steps)
     method = check_method(cfg)
     par = parallel.start(cfg.distributed, cfg.device, cfg.batch_size)
     try:
         return _train(cfg, method, run_dir, resume_from, par)
     finally:
         par.close()
+
+
+def _complete(run_dir: Path, steps: int) -> dict:
+    """--resume auto on a run that has its last checkpoint (a restart after it, a requeued job that had finished):
+    nothing to train, as Lightning's fit and torchtitan's trainer do at their last step; the run's summary."""
+    summary = run_dir / "summary.json"
+    if os.environ.get("RANK", "0") == "0":
+        print(f"{run_dir}: complete at step {steps}, nothing to train (pass a larger --steps to extend it)"
+              + ("" if summary.is_file() else "; it was stopped before writing summary.json"))
+    return json.loads(summary.read_text()) if summary.is_file() else {}
 
 
 def _train(cfg: TrainConfig, method, run_dir: Path, resume_from: Path | None, par: parallel.Parallel) -> dict:
@@ -153,6 +186,9 @@ def _train(cfg: TrainConfig, method, run_dir: Path, resume_from: Path | None, pa
     rule = "" if cfg.optimizer == "adamw" else f" ({cfg.rule} rule)"
     say(f"{COMMANDS[cfg.task]} {cfg.model} with {cfg.optimizer}{rule} on {cfg.data} [{device}]: "
         + ", ".join(f"{k} {v}" for k, v in task.info.items() if isinstance(v, int)) + f"; run folder {run_dir}")
+    if resume_from is not None:
+        restart = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", 0))  # set by torchrun in every worker
+        say(f"resuming from {resume_from}" + (f" (torchrun's restart {restart})" if restart else ""))
 
     memory = {"device": device.type, "weights_bytes": weight_bytes(model)}
     peaks.mark("training starts")

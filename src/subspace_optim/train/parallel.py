@@ -13,13 +13,14 @@ which can be resumed at another number of processes.
 from __future__ import annotations
 
 import os
+import warnings
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
-from .config import UsageError
+from .config import AUTO, UsageError
 
 MODES = ("none", "ddp", "fsdp2")
 #: torch's tensor-parallel plan for a LLaMA block (Megatron's): the projections into the heads and the MLP's
@@ -145,6 +146,24 @@ def start(mode: str, device: str, batch_size: int) -> Parallel:
         dist.init_process_group("nccl" if cuda else "gloo")
     where = torch.device("cuda", torch.cuda.current_device()) if cuda else torch.device("cpu")
     return Parallel(mode, dist.get_rank(), world, where)
+
+
+def check_restarts(resume: str | None) -> None:
+    """Under ``torchrun --max-restarts N``, warn (rank 0, at every attempt's start) about what would make a restart
+    fail, before the failure: torchrun repeats the command, so only ``--resume auto`` continues the run; and torch's
+    torchrun shares its rendezvous TCPStore with the processes and keeps a killed attempt's keys there, so the
+    restarted process group can read a dead process's address and fail to connect (pytorch/pytorch#135712; here,
+    with torch 2.13 and gloo, none of 5 restarts of a minimal 2-process job connected, and 2 of 5 restarts of the
+    harness failed or hung), unless TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 gives each attempt a store of its own."""
+    if not int(os.environ.get("TORCHELASTIC_MAX_RESTARTS", 0)) or os.environ.get("RANK") != "0":
+        return
+    if resume != AUTO:
+        warnings.warn("torchrun --max-restarts repeats this command: add --resume auto, or a restart stops on the "
+                      "run folder it finds instead of continuing the run from its checkpoint")
+    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True":
+        warnings.warn("torchrun --max-restarts with its rendezvous store shared (torch's default): a restart can read "
+                      "the killed attempt's addresses and fail to connect (pytorch/pytorch#135712); start torchrun "
+                      "with TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1")
 
 
 class NoLog:
