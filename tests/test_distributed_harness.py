@@ -44,8 +44,9 @@ ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join(sys.p
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
 
 
-def torchrun(*args: str) -> None:
-    proc = subprocess.run([*TORCHRUN, "-m", "subspace_optim", "train", *args], capture_output=True, text=True,
+def torchrun(*args: str, processes: int = 2) -> None:
+    launch = TORCHRUN[:-1] + [str(processes)]
+    proc = subprocess.run([*launch, "-m", "subspace_optim", "train", *args], capture_output=True, text=True,
                           env=ENV, timeout=300)
     assert proc.returncode == 0, proc.stderr[-4000:]
 
@@ -65,11 +66,12 @@ def runs(tmp_path_factory):
     subspace = ["--layerwise", "--grad-accum", "2", "--fused-loss"]
     assert main(["train", *ARGS, *subspace, "--out", str(root / "single-layerwise")]) in (0, None)
     torchrun(*ARGS, *subspace, "--out", str(root / "ddp-subspace"), "--distributed", "ddp", "--grad-comm", "subspace")
-    # the fused loss under FSDP2 (its module the root, which unshards lm_head), lm_head tied to the embedding
+    # the fused loss under FSDP2 (its module the root, which unshards lm_head), lm_head tied to the embedding, at
+    # 4 processes: FSDP2 over 2 rows of a 2 x 2 mesh, tensor parallelism within each (--tp 2)
     (root / "tied.json").write_text(json.dumps(TIED))
     tied = ["--model", str(root / "tied.json"), "--fused-loss"]
     assert main(["train", *ARGS, *tied, "--out", str(root / "single-tied")]) in (0, None)
-    torchrun(*ARGS, *tied, "--out", str(root / "fsdp2-tied"), "--distributed", "fsdp2")
+    torchrun(*ARGS, *tied, "--out", str(root / "fsdp2-tied"), "--distributed", "fsdp2", "--tp", "2", processes=4)
     # RSO layers sharded by FSDP2, with the fused loss; project: B's moments carried at the merges
     assert main(["train", *ARGS, *RSO, "--out", str(root / "single-rso")]) in (0, None)
     torchrun(*ARGS, *RSO, "--out", str(root / "fsdp2-rso"), "--distributed", "fsdp2")
@@ -97,12 +99,14 @@ def test_gradients_reduced_in_the_subspace_end_at_the_single_process_loss(runs):
 
 
 @pytest.mark.distributed
-def test_fused_loss_with_a_tied_lm_head_under_fsdp2_ends_at_the_single_process_loss(runs):
-    """--fused-loss under FSDP2, lm_head tied to the embedding: the same loss as one process (equal here)."""
+def test_fused_loss_with_a_tied_lm_head_under_fsdp2_by_tensor_parallel_ends_at_the_single_process_loss(runs):
+    """--fused-loss under FSDP2 x TP (4 processes, --tp 2), lm_head tied to the embedding: the same loss as one
+    process; the batch is split among the 2 data-parallel rows only."""
     single, distributed = val_loss(runs / "single-tied"), val_loss(runs / "fsdp2-tied")
     assert abs(distributed - single) <= 1e-5 * abs(single)
     summaries = {name: json.loads((runs / name / "summary.json").read_text()) for name in ("fsdp2-tied", "fsdp2")}
     assert summaries["fsdp2-tied"]["parameters"] == summaries["fsdp2"]["parameters"] - 32000 * 128
+    assert summaries["fsdp2-tied"]["processes"] == 4 and summaries["fsdp2-tied"]["tokens"] == 6 * 4 * 32
 
 
 @pytest.mark.distributed
@@ -179,6 +183,10 @@ def test_what_would_stop_a_torchrun_restart_is_said_at_the_start(monkeypatch):
     (["--distributed", "fsdp2", "--grad-comm", "subspace"], "add --distributed ddp"),
     (["--distributed", "ddp", "--grad-comm", "subspace", "--optimizer", "adamw"], "projects no gradients"),
     (["--distributed", "ddp", "--grad-comm", "subspace", "--clip", "1"], "no global gradient norm"),
+    (["--tp", "2"], "a dimension of an FSDP2 mesh"),
+    (["--distributed", "ddp", "--tp", "2"], "a dimension of an FSDP2 mesh"),
+    (["--distributed", "fsdp2", "--tp", "0"], "a dimension of an FSDP2 mesh"),
+    (["--distributed", "fsdp2", "--tp", "2", "--optimizer", "rso"], "RSO's layers"),
 ])
 def test_combinations_not_distributed_yet_are_refused_clearly(flags, message, capsys):
     assert main(["train", "--steps", "1", "--quiet", *flags]) == 2

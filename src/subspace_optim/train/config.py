@@ -140,6 +140,9 @@ class TrainConfig:
     distributed: str = _f("none", "none, ddp or fsdp2: train data-parallel over the processes of torchrun "
                           "(torchrun --nproc_per_node N -m subspace_optim train ... --distributed ddp); "
                           "--batch-size stays the global batch", choices=("none", "ddp", "fsdp2"))
+    tp: int = _f(1, "--distributed fsdp2: tensor-parallel degree: the processes form a (N / tp) x tp mesh, each "
+                 "LLaMA block split over a row by torch's colwise/rowwise plan and FSDP2 sharding across the rows; "
+                 "the heads must divide by it")
     grad_comm: str = _f("full", "--distributed ddp: how the projected weights' gradients cross between processes: "
                         "full (DDP all-reduces every gradient) or subspace (each as R = Pᵀ G, r x D, from its hook "
                         "during backward, asynchronously: exact, and about 0.28x DDP's bytes at LLaMA-7B, rank "
@@ -160,7 +163,7 @@ class TrainConfig:
 
     # Flags that a resumed run may change; anything else must match the run's config.json.
     RESUMABLE = ("steps", "eval_every", "eval_batches", "save_every", "keep_checkpoints", "quiet", "resume", "device",
-                 "checkpointing", "distributed", "grad_comm")
+                 "checkpointing", "distributed", "grad_comm", "tp")
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -220,6 +223,12 @@ def resolve(cfg: TrainConfig) -> TrainConfig:
     if cfg.distributed == "fsdp2" and cfg.optimizer in ("galore-torch", "lora"):
         raise UsageError(f"--optimizer {cfg.optimizer} cannot run under --distributed fsdp2 "
                          f"({FSDP2_REFUSED[cfg.optimizer]}): use --distributed ddp")
+    if cfg.tp != 1 and (cfg.tp < 1 or cfg.distributed != "fsdp2"):
+        raise UsageError(f"--tp {cfg.tp}: tensor parallelism is a dimension of an FSDP2 mesh: give a degree of at "
+                         "least 1 with --distributed fsdp2 under torchrun")
+    if cfg.tp > 1 and (cfg.optimizer == "rso" or cfg.task != "lm"):
+        raise UsageError(f"--tp {cfg.tp} splits the blocks of a LLaMA-family model (`train`); RSO's layers, a "
+                         "classifier and sft are not split")
     if cfg.grad_comm == "subspace" and cfg.distributed != "ddp":
         raise UsageError("--grad-comm subspace is how --distributed ddp reduces the projected gradients (FSDP2 "
                          "reduce-scatters its shards itself): add --distributed ddp under torchrun")

@@ -106,7 +106,7 @@ def run(cfg: TrainConfig, given: set[str] = frozenset()) -> dict:
     if resume_from is not None and checkpoint.step_of(resume_from) == cfg.steps:
         return _complete(run_dir, cfg.steps)
     method = check_method(cfg)
-    par = parallel.start(cfg.distributed, cfg.device, cfg.batch_size)
+    par = parallel.start(cfg.distributed, cfg.device, cfg.batch_size, cfg.tp)
     try:
         return _train(cfg, method, run_dir, resume_from, par)
     finally:
@@ -217,7 +217,7 @@ def _train(cfg: TrainConfig, method, run_dir: Path, resume_from: Path | None, pa
         lr = scheduler.get_last_lr()[0]
         with peaks.phase("step"):
             if cfg.clip:
-                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.clip)
+                parallel.clip_grad_norm_(model.parameters(), cfg.clip)
             optimizer.step()
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
-from torch import nn
+from torch import Tensor, nn
 
 from .config import AUTO, UsageError
 
@@ -31,32 +31,67 @@ LLAMA_TP_PLAN = {"self_attn.q_proj": "colwise", "self_attn.k_proj": "colwise", "
                  "mlp.down_proj": "rowwise"}
 
 
+def blocks(model: nn.Module) -> list[nn.Module]:
+    """The transformer blocks: the modules of the classes an HF model names in ``_no_split_modules``, also when
+    ``model`` wraps one (the fused loss)."""
+    names = {name for module in model.modules() for name in getattr(module, "_no_split_modules", None) or ()}
+    return [module for module in model.modules() if type(module).__name__ in names]
+
+
 def tensor_parallel(model: nn.Module, mesh) -> nn.Module:
     """Apply :data:`LLAMA_TP_PLAN` with torch's ``ColwiseParallel``/``RowwiseParallel`` to every block of an HF
-    LLaMA-family model (``model.model.layers``) on the 1-D device ``mesh``; the heads must divide among its ranks."""
+    LLaMA-family model on the 1-D device ``mesh``; the heads must divide among its ranks."""
     from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
 
-    size, config = mesh.size(), model.config
-    heads, kv_heads = config.num_attention_heads, getattr(config, "num_key_value_heads", None) or \
-        config.num_attention_heads
+    size = mesh.size()
+    config = next(m.config for m in model.modules() if hasattr(getattr(m, "config", None), "num_attention_heads"))
+    heads = config.num_attention_heads
+    kv_heads = getattr(config, "num_key_value_heads", None) or heads
     if heads % size or kv_heads % size:
         raise UsageError(f"--tp {size}: the model's {heads} attention heads and {kv_heads} key/value heads must "
                          f"divide among the {size} tensor-parallel ranks")
     styles = {"colwise": ColwiseParallel, "rowwise": RowwiseParallel}
-    plan = {name: styles[style]() for name, style in LLAMA_TP_PLAN.items()}
-    for block in model.model.layers:
-        parallelize_module(block, mesh, plan)
+    for block in blocks(model):
+        parallelize_module(block, mesh, {name: styles[style]() for name, style in LLAMA_TP_PLAN.items()})
     return model
+
+
+def clip_grad_norm_(parameters, max_norm: float) -> Tensor:
+    """``torch.nn.utils.clip_grad_norm_`` for gradients on several device meshes (under --tp the blocks' weights
+    live on the 2-D mesh, the embeddings and norms on its "dp" row; torch's stacks their norms, which DTensor
+    refuses): each mesh's norm is reduced over it once (``full_tensor``), the total is their 2-norm, and every
+    gradient is scaled by torch's own ``clip_grads_with_norm_``. Returns the total norm, as torch's does."""
+    grads = [p.grad for p in parameters if p.grad is not None]
+    by_mesh: dict = {}
+    for g in grads:
+        by_mesh.setdefault(getattr(g, "device_mesh", None), []).append(g)
+    norms = []
+    for group in by_mesh.values():
+        norm = torch.nn.utils.get_total_norm(group)
+        norms.append(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
+    total = torch.linalg.vector_norm(torch.stack(norms))
+    for group in by_mesh.values():
+        torch.nn.utils.clip_grads_with_norm_(group, max_norm, total)
+    return total
 
 
 @dataclass
 class Parallel:
-    """Where this process stands in the job: ``mode``, ``rank`` of ``world``, its ``device``."""
+    """Where this process stands in the job: ``mode``, ``rank`` of ``world``, its ``device``; with tensor
+    parallelism (``tp`` > 1) the processes form a ``mesh`` of (world / tp data-parallel) x (tp) ranks, and the
+    ``tp`` processes of a row take the same share of the batch."""
 
     mode: str = "none"
     rank: int = 0
     world: int = 1
     device: torch.device = torch.device("cpu")
+    tp: int = 1
+    mesh: object = None
+
+    @property
+    def dp(self) -> int:
+        """Data-parallel replicas: the number of shares of a global batch."""
+        return self.world // self.tp
 
     @property
     def main(self) -> bool:
@@ -69,9 +104,9 @@ class Parallel:
 
     def share(self, batch: dict) -> dict:
         """This process's contiguous share of a global batch (every tensor split along its first dimension)."""
-        if self.world == 1:
+        if self.dp == 1:
             return batch
-        return {k: v.chunk(self.world)[self.rank] for k, v in batch.items()}
+        return {k: v.chunk(self.dp)[self.rank // self.tp] for k, v in batch.items()}
 
     def mean(self, value: float) -> float:
         """The mean of a number over the processes (the global batch's loss from the shares' losses)."""
@@ -82,13 +117,14 @@ class Parallel:
         return t.item() / self.world
 
     def total(self, value: int) -> int:
-        return value * self.world
+        """A count over the global batch from this process's share."""
+        return value * self.dp
 
     def wrap(self, model: nn.Module, optimizer=None) -> nn.Module:
         """The model to train: DDP around it (leaving the projected weights to an ``optimizer`` that reduces
-        their gradients in the subspace), or FSDP2 applied in place (each transformer block, then the root). The
-        blocks are the classes an HF model names in ``_no_split_modules``, also when ``model`` wraps one (the
-        fused loss): the root is then the wrapper, whose forward unshards the root's parameters, lm_head's too."""
+        their gradients in the subspace), or FSDP2 applied in place (each transformer block, then the root; with
+        ``tp`` > 1 over the mesh's "dp" dimension, after tensor parallelism over its "tp" dimension). With the fused
+        loss the root is the wrapper, whose forward unshards the root's parameters, lm_head's too."""
         if self.mode == "ddp":
             from torch.nn.parallel import DistributedDataParallel
 
@@ -101,11 +137,12 @@ class Parallel:
         if self.mode == "fsdp2":
             from torch.distributed.fsdp import fully_shard
 
-            blocks = {name for module in model.modules() for name in getattr(module, "_no_split_modules", None) or ()}
-            for module in model.modules():
-                if type(module).__name__ in blocks:
-                    fully_shard(module)
-            fully_shard(model)
+            if self.tp > 1:  # TP within a mesh row first, then FSDP2 across the rows (torch's 2-D composition)
+                tensor_parallel(model, self.mesh["tp"])
+            dp = self.mesh["dp"] if self.mesh is not None else None
+            for module in blocks(model):
+                fully_shard(module, mesh=dp)
+            fully_shard(model, mesh=dp)
         return model
 
     def same(self, value):
@@ -125,8 +162,9 @@ class Parallel:
             dist.destroy_process_group()
 
 
-def start(mode: str, device: str, batch_size: int) -> Parallel:
-    """Join the torchrun job (clear errors outside one, or for a batch that does not split)."""
+def start(mode: str, device: str, batch_size: int, tp: int = 1) -> Parallel:
+    """Join the torchrun job (clear errors outside one, or for a batch or a tensor-parallel degree that does not
+    divide it)."""
     if mode not in MODES:
         raise UsageError(f"--distributed {mode}: choose one of {', '.join(MODES)}")
     if mode == "none":
@@ -136,16 +174,23 @@ def start(mode: str, device: str, batch_size: int) -> Parallel:
         raise UsageError(f"--distributed {mode} runs under torchrun: torchrun --nproc_per_node N -m subspace_optim "
                          f"train ... --distributed {mode}")
     world = int(os.environ["WORLD_SIZE"])
-    if batch_size % world:
-        raise UsageError(f"--batch-size {batch_size} is the global batch and must divide among the {world} "
-                         "processes")
+    if world % tp:
+        raise UsageError(f"--tp {tp} must divide the {world} processes")
+    if batch_size % (world // tp):
+        among = f"{world // tp} data-parallel rows of --tp {tp} processes" if tp > 1 else f"{world} processes"
+        raise UsageError(f"--batch-size {batch_size} is the global batch and must divide among the {among}")
     cuda = torch.cuda.is_available() and device in ("auto", "cuda")
     if cuda:
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
     if not dist.is_initialized():
         dist.init_process_group("nccl" if cuda else "gloo")
     where = torch.device("cuda", torch.cuda.current_device()) if cuda else torch.device("cpu")
-    return Parallel(mode, dist.get_rank(), world, where)
+    mesh = None
+    if tp > 1:
+        from torch.distributed.device_mesh import init_device_mesh
+
+        mesh = init_device_mesh(where.type, (world // tp, tp), mesh_dim_names=("dp", "tp"))
+    return Parallel(mode, dist.get_rank(), world, where, tp, mesh)
 
 
 def check_restarts(resume: str | None) -> None:
