@@ -175,6 +175,29 @@ def case_subspace(base, projector: str, layerwise: bool, micro: int) -> dict:
             "freed_in_backward": freed}
 
 
+def subspace_refusals(base) -> dict:
+    """grad_comm="subspace" refuses sharded (FSDP2) parameters, and a GradScaler (its hooks reduce scaled
+    gradients in backward), each with a clear error."""
+    found = {}
+    try:
+        make_optimizer("adamw", shard(copy.deepcopy(base)), grad_comm="subspace", **settings("golore"))
+        found["subspace-dtensor-refused"] = False
+    except ValueError as err:
+        found["subspace-dtensor-refused"] = "FSDP2 reduce-scatters" in str(err)
+    model = copy.deepcopy(base)
+    opt = make_optimizer("adamw", model, grad_comm="subspace", **settings("golore"))
+    ddp, scaler = so.subspace_ddp(model, opt), torch.amp.GradScaler("cpu")
+    scaler.scale(ddp(*local_batch(1))).backward()
+    try:
+        scaler.step(opt)
+        found["subspace-scaler-refused"] = False
+    except RuntimeError as err:
+        found["subspace-scaler-refused"] = "cannot be used with a GradScaler" in str(err)
+    for flight in opt._in_flight:  # the reductions the hooks started (both ranks did) are finished
+        flight.handle.wait()
+    return found
+
+
 def case_checkpoint(base, rule: str, projector: str, folder: Path, **extra) -> dict:
     """Save at step 3 with DCP, resume in a fresh model and optimizer: bitwise equal to never stopping."""
     cfg = {**settings(projector), **extra}
@@ -235,6 +258,7 @@ def main(out: str, folder: str) -> None:
             results[name] = case_regenerate(base, projector, layerwise)
         results[f"dcp-regenerate/adamw/{projector}"] = case_checkpoint(
             base, "adamw", projector, Path(folder) / f"regenerate-{projector}", random_basis="regenerate")
+    results.update(subspace_refusals(base))
     for projector in PROJECTORS:  # gradients reduced in the subspace, standard and layer-wise, with accumulation
         for layerwise, micro in ((False, 1), (True, 1), (True, 2)):
             mode = "-layerwise" * layerwise + "-accumulate" * (micro > 1)

@@ -84,6 +84,12 @@ def test_random_bases_send_only_the_low_rank_gradient(run):
     assert galore["sent_per_step"] == (4 * 497 + 3 * 186) / 7
 
 
+@pytest.mark.parametrize("case", ["subspace-dtensor-refused", "subspace-scaler-refused"])
+def test_what_subspace_reduction_cannot_take_is_refused(run, case):
+    """grad_comm="subspace" with FSDP2's sharded parameters, or with a GradScaler: a clear error, never a step."""
+    assert run[0][case] is True
+
+
 def test_layerwise_under_ddp_is_refused(run):
     """A DDP hook sees the local gradient: layer-wise mode refuses with a clear error instead of using it."""
     results, _ = run

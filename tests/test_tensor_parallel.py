@@ -55,7 +55,7 @@ def test_the_plan_covers_every_layout(run):
 
 
 CASES = ([f"tp/{rule}/{p}" for rule in worker.RULES for p in worker.PROJECTORS]
-         + [f"tp-layerwise/adamw/{p}" for p in ("galore", "golore", "online_pca")])
+         + [f"tp-layerwise/adamw/{p}" for p in ("galore", "golore", "online_pca")] + ["tp-named/adamw/golore"])
 
 
 @pytest.mark.parametrize("case", CASES)
@@ -68,9 +68,9 @@ def test_fsdp2_by_tensor_parallel_takes_the_steps_of_one_process(run, case):
 DCP = ["adamw/galore", "adamw/golore", "adafactor/auto"]
 
 
-@pytest.mark.parametrize("case", DCP)
+@pytest.mark.parametrize("case", [f"dcp/{case}" for case in DCP] + ["dcp-named/adamw/golore"])
 def test_a_2x2_checkpoint_resumes_at_4x1(run, case):
-    result = run[0][f"dcp/{case}"]
+    result = run[0][case]
     assert result["error_4x1"] < 1e-5, result
 
 

@@ -50,9 +50,10 @@ def settings(projector: str) -> dict:
     return {"projector": projector, "update_gap": GAP} | extra
 
 
-def make_optimizer(rule: str, model, layerwise: bool = False, **kw):
+def make_optimizer(rule: str, model, layerwise: bool = False, named: bool = False, **kw):
     cls, hyper = RULES[rule]
-    return cls(so.subspace_param_groups(model, rank=RANK, target="all-linear", **kw), **hyper, layerwise=layerwise)
+    groups = so.subspace_param_groups(model, rank=RANK, target="all-linear", named=named, **kw)
+    return cls(groups, **hyper, layerwise=layerwise)
 
 
 def batch(step: int, dp_rank: int = 0, dp: int = 1):
@@ -89,7 +90,7 @@ def parallelize(model, mesh):
 
 def case_equivalence(base, mesh, rule: str, projector: str, **extra) -> float:
     ref = copy.deepcopy(base)
-    train(ref, make_optimizer(rule, ref, **settings(projector)), STEPS)
+    train(ref, make_optimizer(rule, ref, named=extra.get("named", False), **settings(projector)), STEPS)
     model = parallelize(copy.deepcopy(base), mesh)
     opt = make_optimizer(rule, model, **settings(projector), **extra)
     train(model, opt, STEPS, dp_rank=mesh["dp"].get_local_rank(), dp=mesh["dp"].size())
@@ -110,14 +111,15 @@ def layouts(base, mesh) -> list:
     return found
 
 
-def case_checkpoint(base, mesh, rule: str, projector: str, folder: Path) -> dict:
+def case_checkpoint(base, mesh, rule: str, projector: str, folder: Path, named: bool = False) -> dict:
     """Save at step 3 of the 2 x 2 job with DCP; resume at 4 x 1 (FSDP2 alone over the 4 ranks) and, in the test
     process, at 1 x 1; the uninterrupted 2 x 2 run is the reference."""
     dp_rank, dp = mesh["dp"].get_local_rank(), mesh["dp"].size()
     straight = parallelize(copy.deepcopy(base), mesh)
-    train(straight, make_optimizer(rule, straight, **settings(projector)), STEPS, dp_rank=dp_rank, dp=dp)
+    train(straight, make_optimizer(rule, straight, named=named, **settings(projector)), STEPS, dp_rank=dp_rank,
+          dp=dp)
     first = parallelize(copy.deepcopy(base), mesh)
-    opt = make_optimizer(rule, first, **settings(projector))
+    opt = make_optimizer(rule, first, named=named, **settings(projector))
     train(first, opt, 3, dp_rank=dp_rank, dp=dp)
     dcp.save({"model": get_model_state_dict(first), "optim": get_optimizer_state_dict(first, opt)},
              checkpoint_id=str(folder))
@@ -126,7 +128,7 @@ def case_checkpoint(base, mesh, rule: str, projector: str, folder: Path) -> dict
         torch.save(final, folder / "straight.pt")
     wide = init_device_mesh("cpu", (4,), mesh_dim_names=("dp",))
     resumed = parallelize(copy.deepcopy(base), wide)
-    opt = make_optimizer(rule, resumed, **settings(projector))
+    opt = make_optimizer(rule, resumed, named=named, **settings(projector))
     state = {"model": get_model_state_dict(resumed), "optim": get_optimizer_state_dict(resumed, opt)}
     dcp.load(state, checkpoint_id=str(folder))
     set_model_state_dict(resumed, state["model"])
@@ -158,6 +160,10 @@ def main(out: str, folder: str) -> None:
         sub = Path(folder) / f"{rule}-{projector}"
         results[f"dcp/{rule}/{projector}"] = case_checkpoint(base, mesh, rule, projector, sub)
         say("dcp", rule, projector, results[f"dcp/{rule}/{projector}"])
+    # bases keyed by the parameters' names (FQNs): the steps of one process with the same names, through DCP too
+    results["tp-named/adamw/golore"] = case_equivalence(base, mesh, "adamw", "golore", named=True)
+    results["dcp-named/adamw/golore"] = case_checkpoint(base, mesh, "adamw", "golore", Path(folder) / "named",
+                                                        named=True)
     results["seconds"] = time.perf_counter() - t0
     if dist.get_rank() == 0:
         for name, value in results.items():
