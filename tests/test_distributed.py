@@ -9,16 +9,12 @@ updates and low-rank accumulation under FSDP2, and torch.distributed.checkpoint 
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
 
-import subspace_optim as so
 
 pytest.importorskip("torch.distributed.fsdp")
 if not torch.distributed.is_available() or not torch.distributed.is_gloo_available():
@@ -27,6 +23,7 @@ if not torch.distributed.is_available() or not torch.distributed.is_gloo_availab
 WORKER = Path(__file__).with_name("distributed_worker.py")
 sys.path.insert(0, str(WORKER.parent))
 import distributed_worker as worker  # noqa: E402
+from torchrun import worker_results  # noqa: E402
 
 pytestmark = pytest.mark.distributed
 
@@ -34,16 +31,7 @@ pytestmark = pytest.mark.distributed
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
     folder = tmp_path_factory.mktemp("distributed")
-    out = folder / "results.json"
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join(sys.path)}
-    proc = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(WORKER),
-         str(out), str(folder / "checkpoints")],
-        capture_output=True, text=True, env=env, timeout=600,
-    )
-    errors = [line for line in proc.stderr.splitlines() if "Error" in line or "error" in line]
-    assert proc.returncode == 0, "\n".join(errors[-20:]) + proc.stderr[-3000:]
-    return json.loads(out.read_text()), folder / "checkpoints"
+    return worker_results(WORKER, folder, folder / "checkpoints"), folder / "checkpoints"
 
 
 EQUIVALENCE = ([f"fsdp2/{rule}/{p}" for rule in worker.RULES for p in worker.PROJECTORS]

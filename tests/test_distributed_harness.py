@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
 import shutil
 import signal
 import subprocess
@@ -29,6 +28,8 @@ import torch
 from safetensors.torch import load_file
 
 from subspace_optim.cli import main
+from torchrun import ENV
+from torchrun import torchrun as launch
 from subspace_optim.train.runlog import read_metrics
 
 ARGS = ["--model", "llama-tiny", "--batch-size", "4", "--seq-len", "32", "--update-gap", "2", "--eval-every", "3",
@@ -40,15 +41,12 @@ RSO = ["--optimizer", "rso", "--moments", "project", "--fused-loss"]
 # llama-tiny with lm_head tied to the embedding (32000 x 128 parameters fewer)
 TIED = {"model_type": "llama", "vocab_size": 32000, "hidden_size": 128, "intermediate_size": 352,
         "num_hidden_layers": 6, "num_attention_heads": 4, "rms_norm_eps": 1e-6, "tie_word_embeddings": True}
-ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join(sys.path)}
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
 
 
 def torchrun(*args: str, processes: int = 2) -> None:
-    launch = TORCHRUN[:-1] + [str(processes)]
-    proc = subprocess.run([*launch, "-m", "subspace_optim", "train", *args], capture_output=True, text=True,
-                          env=ENV, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-4000:]
+    """``subspace-optim train`` under torchrun."""
+    launch("-m", "subspace_optim", "train", *args, processes=processes, timeout=300)
 
 
 def val_loss(folder) -> float:

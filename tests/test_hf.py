@@ -15,6 +15,7 @@ pytest.importorskip("transformers")
 pytest.importorskip("accelerate")
 
 import hf_worker as worker  # noqa: E402  (tests/ is on sys.path: conftest.py)
+from torchrun import torchrun as launch  # noqa: E402
 
 from subspace_optim import SubspaceAdamW, SubspaceSGD, target_modules  # noqa: E402
 from subspace_optim.hf import optimizer_cls_and_kwargs  # noqa: E402
@@ -118,13 +119,7 @@ def test_import_subspace_optim_does_not_import_transformers():
 def torchrun(tmp_path_factory):
     """Each rank's results of DDP and FSDP2 runs (2 x 2 samples per step), and one process's run on 4."""
     folder = tmp_path_factory.mktemp("hf")
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join(sys.path)}
-    proc = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-         str(Path(worker.__file__)), str(folder)],
-        capture_output=True, text=True, env=env, timeout=300,
-    )
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
+    launch(Path(worker.__file__), folder, timeout=300)
     model = worker.tiny_llama()
     worker.trainer(model, folder / "one", steps=worker.STEPS, projector="galore").train()
     ranks = [torch.load(folder / f"rank{r}.pt", weights_only=True) for r in range(2)]

@@ -5,11 +5,8 @@ batch, grad_comm="subspace" and layer-wise included; the settings the backward h
 
 from __future__ import annotations
 
-import json
-import os
 import re
 import runpy
-import subprocess
 import sys
 from pathlib import Path
 
@@ -20,6 +17,7 @@ pytest.importorskip("lightning", reason="the lightning extra is not installed (p
 WORKER = Path(__file__).with_name("lightning_worker.py")
 sys.path.insert(0, str(WORKER.parent))
 import lightning_worker as worker  # noqa: E402
+from torchrun import worker_results  # noqa: E402
 
 from subspace_optim.integrations.lightning import SubspaceCallback  # noqa: E402
 
@@ -76,15 +74,7 @@ def test_the_callback_lets_a_module_be_fit_again():
 
 @pytest.fixture(scope="module")
 def ddp(tmp_path_factory):
-    out = tmp_path_factory.mktemp("lightning") / "results.json"
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join(sys.path)}
-    proc = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(WORKER),
-         str(out)],
-        capture_output=True, text=True, env=env, timeout=600,
-    )
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    return json.loads(out.read_text())
+    return worker_results(WORKER, tmp_path_factory.mktemp("lightning"))
 
 
 @pytest.mark.distributed

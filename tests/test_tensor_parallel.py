@@ -8,9 +8,6 @@ tests read its results. Then a DCP checkpoint of the 2 x 2 job resumes at 4 x 1 
 from __future__ import annotations
 
 import copy
-import json
-import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -25,6 +22,7 @@ if not torch.distributed.is_available() or not torch.distributed.is_gloo_availab
 WORKER = Path(__file__).with_name("tp_worker.py")
 sys.path.insert(0, str(WORKER.parent))
 import tp_worker as worker  # noqa: E402
+from torchrun import worker_results  # noqa: E402
 
 pytestmark = pytest.mark.distributed
 
@@ -32,16 +30,7 @@ pytestmark = pytest.mark.distributed
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
     folder = tmp_path_factory.mktemp("tensor-parallel")
-    out = folder / "results.json"
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join(sys.path)}
-    proc = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "4", str(WORKER),
-         str(out), str(folder / "checkpoints")],
-        capture_output=True, text=True, env=env, timeout=600,
-    )
-    errors = [line for line in proc.stderr.splitlines() if "Error" in line or "error" in line]
-    assert proc.returncode == 0, "\n".join(errors[-20:]) + proc.stderr[-3000:]
-    return json.loads(out.read_text()), folder / "checkpoints"
+    return worker_results(WORKER, folder, folder / "checkpoints", processes=4), folder / "checkpoints"
 
 
 def test_the_plan_covers_every_layout(run):

@@ -9,10 +9,7 @@ torchtitan's trainer itself assumes CUDA and is not run.
 from __future__ import annotations
 
 import copy
-import json
-import os
 import re
-import subprocess
 import sys
 from pathlib import Path
 
@@ -32,6 +29,7 @@ from subspace_optim.integrations.torchtitan import SubspaceOptimizersContainer  
 WORKER = Path(__file__).with_name("torchtitan_worker.py")
 sys.path.insert(0, str(WORKER.parent))
 import torchtitan_worker as worker  # noqa: E402
+from torchrun import worker_results  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 TEMPLATE_CHECKS = ("weights_unchanged", "state_created", "counters_zero", "no_refresh", "no_skip", "lrs_restored",
@@ -41,15 +39,7 @@ TEMPLATE_CHECKS = ("weights_unchanged", "state_created", "counters_zero", "no_re
 @pytest.fixture(scope="module")
 def fsdp2(tmp_path_factory):
     folder = tmp_path_factory.mktemp("torchtitan")
-    out = folder / "results.json"
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join(sys.path)}
-    proc = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(WORKER),
-         str(out), str(folder / "checkpoints")],
-        capture_output=True, text=True, env=env, timeout=600,
-    )
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    return json.loads(out.read_text())
+    return worker_results(WORKER, folder, folder / "checkpoints")
 
 
 def check_resumed(result: dict) -> None:
