@@ -156,6 +156,23 @@ def test_distributed_without_torchrun_and_an_uneven_batch_get_clear_errors(capsy
     assert "must divide among the 2 processes" in capsys.readouterr().err
 
 
+def test_clipping_over_several_meshes_is_torchs_clipping_on_one():
+    """parallel.clip_grad_norm_ (which --tp needs) without DTensors: torch's clip_grad_norm_, bitwise; it clips."""
+    import copy
+
+    from subspace_optim.train.parallel import clip_grad_norm_
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.Linear(3, 2))
+    twin, x = copy.deepcopy(model), torch.randn(5, 4)
+    for m in (model, twin):
+        m(x).square().sum().mul(100).backward()
+    expected = torch.nn.utils.clip_grad_norm_(model.parameters(), 0.5)
+    assert expected > 0.5 and torch.equal(clip_grad_norm_(twin.parameters(), 0.5), expected)
+    assert all(torch.equal(p.grad, q.grad) for p, q in zip(model.parameters(), twin.parameters()))
+    assert torch.nn.utils.get_total_norm([p.grad for p in twin.parameters()]) <= 0.5 + 1e-6
+
+
 def test_what_would_stop_a_torchrun_restart_is_said_at_the_start(monkeypatch):
     from subspace_optim.train.parallel import check_restarts
 

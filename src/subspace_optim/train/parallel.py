@@ -61,17 +61,19 @@ def clip_grad_norm_(parameters, max_norm: float) -> Tensor:
     live on the 2-D mesh, the embeddings and norms on its "dp" row; torch's stacks their norms, which DTensor
     refuses): each mesh's norm is reduced over it once (``full_tensor``), the total is their 2-norm, and every
     gradient is scaled by torch's own ``clip_grads_with_norm_``. Returns the total norm, as torch's does."""
-    grads = [p.grad for p in parameters if p.grad is not None]
     by_mesh: dict = {}
-    for g in grads:
-        by_mesh.setdefault(getattr(g, "device_mesh", None), []).append(g)
+    for p in parameters:
+        if p.grad is not None:
+            by_mesh.setdefault(getattr(p.grad, "device_mesh", None), []).append(p)
+    if not by_mesh:
+        return torch.zeros(())
     norms = []
-    for group in by_mesh.values():
-        norm = torch.nn.utils.get_total_norm(group)
+    for params in by_mesh.values():
+        norm = torch.nn.utils.get_total_norm([p.grad for p in params])
         norms.append(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
-    total = torch.linalg.vector_norm(torch.stack(norms))
-    for group in by_mesh.values():
-        torch.nn.utils.clip_grads_with_norm_(group, max_norm, total)
+    total = torch.linalg.vector_norm(torch.stack(norms)) if len(norms) > 1 else norms[0]
+    for params in by_mesh.values():
+        torch.nn.utils.clip_grads_with_norm_(params, max_norm, total)
     return total
 
 
