@@ -86,8 +86,8 @@ class Layout:
     ``rows``/``cols``: this rank's slice of d and of D and the groups that split them; ``group``: every rank that
     holds a part (the owners of SVD refreshes gather and broadcast on it), or, when nothing is split, the
     data-parallel group that shares SVD refreshes; ``blocks``: each of ``group``'s ranks' part of W, for the gather;
-    ``placements``: W's placements on the mesh dimensions that split D (``Replicate()`` elsewhere), which
-    :meth:`wrap` moves to R's columns.
+    ``placements``: those of R (r x D) and of the state sharded like it: W's split of D moved to R's columns,
+    ``Replicate()`` elsewhere.
     """
 
     rows: Axis = Axis()
@@ -160,8 +160,7 @@ class Layout:
             return t
         shape = tuple(t.shape[:-1]) + (self.cols.length if self.cols.split else t.shape[-1],)
         stride = tuple(math.prod(shape[i + 1:]) for i in range(len(shape)))
-        placements = tuple(Replicate() if p.is_replicate() else _on_dim(p, t.dim() - 1) for p in self.placements)
-        return DTensor.from_local(t, self.mesh, placements, run_check=False, shape=shape, stride=stride)
+        return DTensor.from_local(t, self.mesh, self.placements, run_check=False, shape=shape, stride=stride)
 
     # ------------------------------------------------------------------------- full matrices on an owner
     def owner(self, index: int) -> int:
@@ -241,16 +240,16 @@ def _dtensor_layout(p, left: bool) -> Layout:
     group = _group_of(mesh, sorted(split))
     coords = [_coordinate(mesh, r) for r in dist.get_process_group_ranks(group)]
     blocks = tuple(_block((m, n), mesh, c, placements) for c in coords)
-    mine = _block((m, n), mesh, mesh.get_coordinate(), placements)
+    mine = blocks[dist.get_rank(group)]
     if (mine.rows, mine.cols) != tuple(local(p).reshape(local(p).shape[0], -1).shape):
         raise ValueError(f"unexpected shard {tuple(local(p).shape)} for shape {tuple(p.shape)} and placements "
                          f"{placements}")
     axes = {0: Axis(mine.row, mine.rows, m, _group_of(mesh, by_dim[0])),
             1: Axis(mine.col, mine.cols, n, _group_of(mesh, by_dim[1]))}
     d, D = (axes[0], axes[1]) if left else (axes[1], axes[0])
-    # R's columns are placed as W places D; the splits of d are summed away (R replicated over them)
-    splits_d = set(by_dim[0] if left else by_dim[1])
-    placed = tuple(Replicate() if i in splits_d else pl for i, pl in enumerate(placements))
+    # R's columns (dim 1) are placed as W places D; the splits of d are summed away (R replicated over them)
+    splits_D = set(by_dim[1] if left else by_dim[0])
+    placed = tuple(_on_dim(pl, 1) if i in splits_D else Replicate() for i, pl in enumerate(placements))
     return Layout(d, D, group, mesh, placed, blocks, left)
 
 
