@@ -8,7 +8,6 @@ The model has weights whose rows do not divide among 2 ranks, on both projection
 from __future__ import annotations
 
 import copy
-import json
 import sys
 import tempfile
 import time
@@ -25,6 +24,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 import subspace_optim as so
 from subspace_optim import lowbit
+from torchrun import write_results
 
 RULES = {"adamw": (so.SubspaceAdamW, {"lr": 1e-2}), "sgd": (so.SubspaceSGD, {"lr": 5e-2}),
          "adafactor": (so.SubspaceAdafactor, {"lr": 1e-2}), "lion": (so.SubspaceLion, {"lr": 1e-3})}
@@ -275,10 +275,7 @@ def main(out: str, folder: str) -> None:
         results[f"dcp-bits8/adamw/{projector}"] = case_checkpoint(base, "adamw", projector,
                                                                   Path(folder) / f"bits8-{projector}", state_bits=8)
     results["seconds"] = time.perf_counter() - t0
-    if dist.get_rank() == 0:
-        for name, value in results.items():
-            print(name, value, flush=True)
-        Path(out).write_text(json.dumps(results, indent=1))
+    write_results(out, results)
     dist.destroy_process_group()
 
 

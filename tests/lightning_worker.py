@@ -9,7 +9,6 @@ batches are the single process's batch.
 
 from __future__ import annotations
 
-import json
 import os
 import sys
 import warnings
@@ -24,6 +23,7 @@ import lightning.pytorch as pl
 import subspace_optim as so
 from lightning.pytorch.strategies import DDPStrategy
 from subspace_optim.integrations.lightning import SubspaceCallback, SubspaceDDPStrategy
+from torchrun import write_results
 
 warnings.filterwarnings("ignore", ".*(num_workers|does not have many workers|LeafSpec|sync_dist).*")
 BATCH, STEPS, GAP, RANK = 8, 6, 2, 3
@@ -151,9 +151,7 @@ def main(out: str) -> None:
     results["plain-ddp-refused"] = plain_ddp_refused()
     results["fit-again"] = fit_again()
     results["world"] = dist.get_world_size()
-    if dist.get_rank() == 0:
-        with open(out, "w") as f:
-            json.dump(results, f)
+    write_results(out, results)
 
 
 if __name__ == "__main__":

@@ -9,7 +9,6 @@ updates and low-rank accumulation under FSDP2, and torch.distributed.checkpoint 
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 import pytest
@@ -17,13 +16,12 @@ import torch
 
 
 pytest.importorskip("torch.distributed.fsdp")
-if not torch.distributed.is_available() or not torch.distributed.is_gloo_available():
-    pytest.skip("torch.distributed with gloo is needed", allow_module_level=True)
+from torchrun import require_gloo, worker_results  # noqa: E402
+
+require_gloo()
 
 WORKER = Path(__file__).with_name("distributed_worker.py")
-sys.path.insert(0, str(WORKER.parent))
 import distributed_worker as worker  # noqa: E402
-from torchrun import worker_results  # noqa: E402
 
 pytestmark = pytest.mark.distributed
 

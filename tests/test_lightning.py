@@ -15,7 +15,6 @@ import torch
 
 pytest.importorskip("lightning", reason="the lightning extra is not installed (pip install subspace_optim[lightning])")
 WORKER = Path(__file__).with_name("lightning_worker.py")
-sys.path.insert(0, str(WORKER.parent))
 import lightning_worker as worker  # noqa: E402
 from torchrun import worker_results  # noqa: E402
 

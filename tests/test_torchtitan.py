@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import copy
 import re
-import sys
 from pathlib import Path
 
 import pytest
@@ -18,8 +17,9 @@ import torch
 
 pytest.importorskip("torchtitan", reason="needs the torchtitan extra: pip install 'subspace_optim[torchtitan]'")
 pytest.importorskip("triton", reason="torchtitan's models import triton (a CUDA torch brings it; so does the extra)")
-if not torch.distributed.is_available() or not torch.distributed.is_gloo_available():
-    pytest.skip("torch.distributed with gloo is needed", allow_module_level=True)
+from torchrun import require_gloo, worker_results  # noqa: E402
+
+require_gloo()
 
 from torchtitan.components.optimizer import ParamGroupConfig  # noqa: E402
 from torchtitan.config import ConfigManager  # noqa: E402
@@ -27,9 +27,7 @@ from torchtitan.config import ConfigManager  # noqa: E402
 from subspace_optim.integrations.torchtitan import SubspaceOptimizersContainer  # noqa: E402
 
 WORKER = Path(__file__).with_name("torchtitan_worker.py")
-sys.path.insert(0, str(WORKER.parent))
 import torchtitan_worker as worker  # noqa: E402
-from torchrun import worker_results  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 TEMPLATE_CHECKS = ("weights_unchanged", "state_created", "counters_zero", "no_refresh", "no_skip", "lrs_restored",

@@ -30,3 +30,22 @@ def worker_results(worker: Path, folder: Path, *args, processes: int = 2) -> dic
     out = folder / "results.json"
     torchrun(worker, out, *args, processes=processes)
     return json.loads(out.read_text())
+
+
+def require_gloo() -> None:
+    """Skip the calling test module where torch.distributed or its gloo backend is missing."""
+    import pytest
+    import torch.distributed as dist
+
+    if not dist.is_available() or not dist.is_gloo_available():
+        pytest.skip("torch.distributed with gloo is needed", allow_module_level=True)
+
+
+def write_results(out: str, results: dict) -> None:
+    """In a worker: rank 0 prints the results (the launch's log) and writes them as JSON to ``out``."""
+    import torch.distributed as dist
+
+    if dist.get_rank() == 0:
+        for name, value in results.items():
+            print(name, value, flush=True)
+        Path(out).write_text(json.dumps(results, indent=1))

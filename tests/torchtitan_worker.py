@@ -9,7 +9,6 @@ single-process tests.
 
 from __future__ import annotations
 
-import json
 import sys
 import tempfile
 import time
@@ -27,6 +26,7 @@ from torchtitan.models.common.attention import FlexAttention, ScaledDotProductAt
 from torchtitan.models.llama3 import model_registry
 
 from subspace_optim.integrations.torchtitan import SubspaceOptimizersContainer
+from torchrun import write_results
 
 #: Refreshes at steps 1 and 3 (update_gap 2); the step after the save (4) uses the loaded or regenerated basis.
 STEPS, SAVE_AT, BATCH, SEQ = 4, 3, 4, 16
@@ -173,8 +173,7 @@ def main(out: str, folder: str) -> None:
     for projector in ("golore", "galore"):  # a basis regenerated from its FQN; one saved (each rank owns half)
         results[projector] = case_resume(projector, Path(folder) / projector)
     results["seconds"] = time.perf_counter() - t0
-    if dist.get_rank() == 0:
-        Path(out).write_text(json.dumps(results, indent=1))
+    write_results(out, results)
     dist.destroy_process_group()
 
 

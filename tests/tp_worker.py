@@ -11,7 +11,6 @@ dp rank on its half of the batch.
 from __future__ import annotations
 
 import copy
-import json
 import sys
 import tempfile
 import time
@@ -28,6 +27,8 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 import subspace_optim as so
 from subspace_optim.train.parallel import tensor_parallel
+from distributed_worker import full, max_error
+from torchrun import write_results
 
 RULES = {"adamw": (so.SubspaceAdamW, {"lr": 1e-2}), "sgd": (so.SubspaceSGD, {"lr": 5e-2}),
          "adafactor": (so.SubspaceAdafactor, {"lr": 1e-2}), "lion": (so.SubspaceLion, {"lr": 1e-3})}
@@ -67,15 +68,6 @@ def train(model, opt, steps, first: int = 1, dp_rank: int = 0, dp: int = 1):
         model(input_ids=tokens, labels=tokens).loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
-
-
-def full(p):
-    return p.full_tensor() if hasattr(p, "full_tensor") else p
-
-
-def max_error(a, b) -> float:
-    return max((full(p).detach() - full(q).detach()).abs().max().item()
-               for p, q in zip(a.parameters(), b.parameters()))
 
 
 def parallelize(model, mesh):
@@ -165,10 +157,7 @@ def main(out: str, folder: str) -> None:
     results["dcp-named/adamw/golore"] = case_checkpoint(base, mesh, "adamw", "golore", Path(folder) / "named",
                                                         named=True)
     results["seconds"] = time.perf_counter() - t0
-    if dist.get_rank() == 0:
-        for name, value in results.items():
-            print(name, value, flush=True)
-        Path(out).write_text(json.dumps(results, indent=1))
+    write_results(out, results)
     dist.destroy_process_group()
 
 
