@@ -154,6 +154,25 @@ def test_distributed_without_torchrun_and_an_uneven_batch_get_clear_errors(capsy
     monkeypatch.setenv("WORLD_SIZE", "2")
     assert main(["train", "--distributed", "fsdp2", "--batch-size", "3", "--steps", "1", "--quiet"]) == 2
     assert "must divide among the 2 processes" in capsys.readouterr().err
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    assert main(["train", "--distributed", "fsdp2", "--tp", "3", "--steps", "1", "--quiet"]) == 2
+    assert "--tp 3 must divide the 4 processes" in capsys.readouterr().err
+    assert main(["train", "--distributed", "fsdp2", "--tp", "2", "--batch-size", "3", "--steps", "1", "--quiet"]) == 2
+    assert "must divide among the 2 data-parallel rows of --tp 2 processes" in capsys.readouterr().err
+
+
+def test_tensor_parallel_refuses_heads_that_do_not_divide():
+    from types import SimpleNamespace
+
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from subspace_optim.train.config import UsageError
+    from subspace_optim.train.parallel import tensor_parallel
+
+    model = LlamaForCausalLM(LlamaConfig(hidden_size=16, intermediate_size=22, num_hidden_layers=1,
+                                         num_attention_heads=4, num_key_value_heads=2, vocab_size=40))
+    with pytest.raises(UsageError, match="4 attention heads and 2 key/value heads must divide among the 4"):
+        tensor_parallel(model, SimpleNamespace(size=lambda: 4))
 
 
 def test_clipping_over_several_meshes_is_torchs_clipping_on_one():

@@ -135,18 +135,6 @@ def test_fused_loss_needs_a_linear_lm_head():
         causal_lm_loss(model, lm_batch(), fused=True)
 
 
-@pytest.fixture
-def one_process_group():
-    """A gloo process group of this process alone (FSDP2 needs one; its parameters are then 1-shard DTensors)."""
-    import torch.distributed as dist
-
-    if not dist.is_available() or not dist.is_gloo_available():
-        pytest.skip("torch.distributed with gloo is needed")
-    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
-    yield
-    dist.destroy_process_group()
-
-
 @pytest.mark.parametrize("tied", [False, True])
 def test_fused_loss_under_fully_shard_unshards_lm_head(one_process_group, tied):
     """The harness's FSDP2 around FusedCausalLM (each decoder layer, then the wrapper as the root): the root's

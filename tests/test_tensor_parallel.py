@@ -8,7 +8,6 @@ tests read its results. Then a DCP checkpoint of the 2 x 2 job resumes at 4 x 1 
 from __future__ import annotations
 
 import copy
-import sys
 from pathlib import Path
 
 import pytest
@@ -16,15 +15,29 @@ import torch
 
 pytest.importorskip("torch.distributed.tensor.parallel")
 pytest.importorskip("transformers")
-if not torch.distributed.is_available() or not torch.distributed.is_gloo_available():
-    pytest.skip("torch.distributed with gloo is needed", allow_module_level=True)
+from torch.distributed.tensor import DTensor, Partial, Shard  # noqa: E402
+
+from torchrun import require_gloo, worker_results  # noqa: E402
+
+require_gloo()
 
 WORKER = Path(__file__).with_name("tp_worker.py")
-sys.path.insert(0, str(WORKER.parent))
 import tp_worker as worker  # noqa: E402
-from torchrun import worker_results  # noqa: E402
 
 pytestmark = pytest.mark.distributed
+
+
+@pytest.mark.parametrize("shape, placement", [((2, 3, 4), Shard(1)), ((6, 4), Partial())], ids=str)
+def test_placements_the_projection_cannot_follow_are_refused(one_process_group, shape, placement):
+    """A split of a 3-D weight's middle dimension (not a column of the flattened W), or a pending sum: refused."""
+    from torch.distributed.device_mesh import init_device_mesh
+
+    from subspace_optim.distributed import layout_of
+
+    mesh = init_device_mesh("cpu", (1,))
+    p = DTensor.from_local(torch.zeros(shape), mesh, [placement], run_check=False)
+    with pytest.raises(ValueError, match="must be sharded by rows"):
+        layout_of(p, left=True)
 
 
 @pytest.fixture(scope="module")
