@@ -198,6 +198,21 @@ def subspace_refusals(base) -> dict:
     return found
 
 
+def load_checkpoint(model: nn.Module, opt, folder) -> None:
+    """A DCP checkpoint of a model and its optimizer loaded into ``model`` and ``opt``, at any layout (DCP
+    reshards; the optimizer's state template is built by its lr-0 step)."""
+    state = {"model": get_model_state_dict(model), "optim": get_optimizer_state_dict(model, opt)}
+    dcp.load(state, checkpoint_id=str(folder))
+    set_model_state_dict(model, state["model"])
+    set_optimizer_state_dict(model, opt, state["optim"])
+
+
+def error_to_saved(model: nn.Module, path) -> float:
+    """The largest difference between ``model``'s weights and those saved (whole tensors) at ``path``."""
+    saved = torch.load(path, weights_only=True)
+    return max((full(p).detach() - q).abs().max().item() for p, q in zip(model.parameters(), saved))
+
+
 def case_checkpoint(base, rule: str, projector: str, folder: Path, **extra) -> dict:
     """Save at step 3 with DCP, resume in a fresh model and optimizer: bitwise equal to never stopping."""
     cfg = {**settings(projector), **extra}

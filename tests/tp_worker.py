@@ -19,15 +19,14 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
-from torch.distributed.checkpoint.state_dict import (get_model_state_dict, get_optimizer_state_dict,
-                                                     set_model_state_dict, set_optimizer_state_dict)
+from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import fully_shard
 from transformers import LlamaConfig, LlamaForCausalLM
 
 import subspace_optim as so
 from subspace_optim.train.parallel import tensor_parallel
-from distributed_worker import full, max_error
+from distributed_worker import full, load_checkpoint, max_error
 from torchrun import write_results
 
 RULES = {"adamw": (so.SubspaceAdamW, {"lr": 1e-2}), "sgd": (so.SubspaceSGD, {"lr": 5e-2}),
@@ -121,10 +120,7 @@ def case_checkpoint(base, mesh, rule: str, projector: str, folder: Path, named: 
     wide = init_device_mesh("cpu", (4,), mesh_dim_names=("dp",))
     resumed = parallelize(copy.deepcopy(base), wide)
     opt = make_optimizer(rule, resumed, named=named, **settings(projector))
-    state = {"model": get_model_state_dict(resumed), "optim": get_optimizer_state_dict(resumed, opt)}
-    dcp.load(state, checkpoint_id=str(folder))
-    set_model_state_dict(resumed, state["model"])
-    set_optimizer_state_dict(resumed, opt, state["optim"])
+    load_checkpoint(resumed, opt, folder)
     train(resumed, opt, STEPS - 3, first=4, dp_rank=dist.get_rank(), dp=4)
     return {"error_4x1": max_error(resumed, straight)}
 
